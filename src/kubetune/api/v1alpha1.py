@@ -2,13 +2,13 @@
 
 These pydantic models are the single source of truth: the CRD (manifests/crd), the JSON schema for
 editors (manifests/schema) and the reference in README.md are generated from them by
-``kubetune.api.generate``, and a test fails when a generated file is stale.
+`kubetune.api.generate`, and a test fails when a generated file is stale.
 
 Conventions:
 - Field names are snake_case in Python and camelCase on the wire (aliases), like every Kubernetes API.
-- ``None`` means "not set"; the description says what an unset field resolves to.
-- Cross-field rules are model validators here *and* CEL rules in the CRD (``cel=`` in
-  ``json_schema_extra``), so the API server, ``kubetune validate`` and the trainer agree.
+- `None` means "not set"; the description says what an unset field resolves to.
+- Cross-field rules are model validators here *and* CEL rules in the CRD (`cel=` in
+  `json_schema_extra`), so the API server, `kubetune validate` and the trainer agree.
 - Defaults follow the classic Falcon/Guanaco QLoRA recipe (nf4, r=64, alpha=16, dropout 0.1,
   paged_adamw_32bit, max_grad_norm 0.3, warmup 3%, constant LR, group_by_length, gradient
   checkpointing, 500 steps, 512 tokens).
@@ -39,7 +39,7 @@ QUANTITY_RE = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    """One CRD ``x-kubernetes-validations`` entry (checked by the API server)."""
+    """One CRD `x-kubernetes-validations` entry (checked by the API server)."""
     out = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
@@ -65,7 +65,7 @@ class _Model(BaseModel):
 
 
 class SecretKeySelector(_Model):
-    """A key of a Secret in the FineTuneJob's namespace (the shape of a Pod's ``secretKeyRef``)."""
+    """A key of a Secret in the FineTuneJob's namespace (the shape of a Pod's `secretKeyRef`)."""
 
     name: str = Field(pattern=K8S_NAME_RE, max_length=253)
     """Name of the Secret."""
@@ -100,11 +100,11 @@ class ModelSource(_Model):
     )
 
     id: str | None = Field(default=None, pattern=HUB_ID_RE, max_length=200)
-    """Hub repository id, e.g. ``meta-llama/Llama-2-7b-hf``."""
+    """Hub repository id, e.g. `meta-llama/Llama-2-7b-hf`."""
     revision: str = Field(default="main", min_length=1, max_length=200)
-    """Hub revision (branch, tag or commit) of ``id``. Pin a commit for reproducible runs."""
+    """Hub revision (branch, tag or commit) of `id`. Pin a commit for reproducible runs."""
     path: str | None = Field(default=None, min_length=1)
-    """A local folder (or a folder on a mounted volume) holding the model, instead of ``id``."""
+    """A local folder (or a folder on a mounted volume) holding the model, instead of `id`."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model repository. Off by default: it runs unreviewed code."""
 
@@ -133,9 +133,9 @@ class ValidationSplit(_Model):
     )
 
     split: str | None = Field(default=None, min_length=1)
-    """Name of a split of the Hub dataset, e.g. ``test``."""
+    """Name of a split of the Hub dataset, e.g. `test`."""
     fraction: float | None = Field(default=None, gt=0, lt=1)
-    """Fraction of the cleaned training rows held out for evaluation, e.g. ``0.05``."""
+    """Fraction of the cleaned training rows held out for evaluation, e.g. `0.05`."""
 
     @model_validator(mode="after")
     def _one_of(self) -> ValidationSplit:
@@ -164,22 +164,22 @@ class DatasetSource(_Model):
     )
 
     id: str | None = Field(default=None, pattern=HUB_ID_RE, max_length=200)
-    """Hub dataset id, e.g. ``timdettmers/openassistant-guanaco``."""
+    """Hub dataset id, e.g. `timdettmers/openassistant-guanaco`."""
     revision: str = Field(default="main", min_length=1, max_length=200)
-    """Hub revision (branch, tag or commit) of ``id``."""
+    """Hub revision (branch, tag or commit) of `id`."""
     split: str = Field(default="train", min_length=1)
     """Split of the Hub dataset to train on."""
     files: list[str] | None = Field(default=None, min_length=1)
-    """Local data files, all of one type: ``.jsonl``/``.json``, ``.csv`` or ``.parquet``."""
+    """Local data files, all of one type: `.jsonl`/`.json`, `.csv` or `.parquet`."""
     format: DatasetFormat = "text"
-    """How rows become training text. ``text``: one column of ready text (``textField``).
-    ``alpaca``: ``instruction``/``input``/``output`` columns in the Alpaca prompt.
-    ``chat``: a list of ``{role, content}`` messages (``messagesField``) rendered with the tokenizer's
+    """How rows become training text. `text`: one column of ready text (`textField`).
+    `alpaca`: `instruction`/`input`/`output` columns in the Alpaca prompt.
+    `chat`: a list of `{role, content}` messages (`messagesField`) rendered with the tokenizer's
     chat template."""
     text_field: str = Field(default="text", min_length=1)
-    """Column with the training text, for ``format: text``."""
+    """Column with the training text, for `format: text`."""
     messages_field: str = Field(default="messages", min_length=1)
-    """Column with the chat messages, for ``format: chat``."""
+    """Column with the chat messages, for `format: chat`."""
     validation: ValidationSplit | None = None
     """Evaluation data. Unset: no evaluation."""
     dedup: bool = True
@@ -194,9 +194,7 @@ class DatasetSource(_Model):
         for f in files:
             kind = _file_kind(f)
             if kind is None:
-                raise ValueError(
-                    f"{f!r}: unsupported file type; use .jsonl, .json, .csv or .parquet"
-                )
+                raise ValueError(f"{f!r}: unsupported file type; use .jsonl, .json, .csv or .parquet")
             kinds.add(kind)
         if len(kinds) > 1:
             raise ValueError(f"files mix types {sorted(kinds)}; use files of one type")
@@ -232,12 +230,12 @@ class LoraSpec(_Model):
     r: int = Field(default=64, ge=1, le=1024)
     """Rank of the update matrices."""
     alpha: int = Field(default=16, ge=1)
-    """Scaling numerator: the update is scaled by ``alpha / r``."""
+    """Scaling numerator: the update is scaled by `alpha / r`."""
     dropout: float = Field(default=0.1, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: list[str] | None = Field(default=None, min_length=1)
     """Module names to adapt. Unset: chosen per architecture (Llama: q/k/v/o/gate/up/down projections;
-    Falcon and BLOOM: query_key_value, dense, dense_h_to_4h, dense_4h_to_h). ``[all-linear]`` adapts
+    Falcon and BLOOM: query_key_value, dense, dense_h_to_4h, dense_4h_to_h). `[all-linear]` adapts
     every linear layer but the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained."""
@@ -253,7 +251,7 @@ class QuantizationSpec(_Model):
     double_quant: bool = True
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Data type of the 4-bit matmuls. ``float32`` on CPUs without bf16."""
+    """Data type of the 4-bit matmuls. `float32` on CPUs without bf16."""
 
 
 class MethodSpec(_Model):
@@ -263,12 +261,14 @@ class MethodSpec(_Model):
         json_schema_extra={
             "cel": [
                 cel(
-                    "self.type != 'qlora' || !has(self.quantization) || self.quantization.bits == 4",
+                    # type and bits default to qlora and 4, and CEL sees only what was written.
+                    "(has(self.type) && self.type != 'qlora') || !has(self.quantization) "
+                    "|| !has(self.quantization.bits) || self.quantization.bits == 4",
                     "qlora needs 4-bit quantization: set method.quantization.bits to 4, or use "
                     "method.type lora",
                 ),
                 cel(
-                    "self.type != 'full' || (!has(self.quantization) && !has(self.lora))",
+                    "!has(self.type) || self.type != 'full' || (!has(self.quantization) && !has(self.lora))",
                     "full fine-tuning trains every weight: remove method.quantization and method.lora, "
                     "or use method.type qlora/lora",
                 ),
@@ -277,12 +277,12 @@ class MethodSpec(_Model):
     )
 
     type: Literal["qlora", "lora", "full"] = "qlora"
-    """``qlora``: 4-bit base + LoRA. ``lora``: LoRA on a bf16/fp16 base (optionally 8-bit).
-    ``full``: every weight is trained, no adapter."""
+    """`qlora`: 4-bit base + LoRA. `lora`: LoRA on a bf16/fp16 base (optionally 8-bit).
+    `full`: every weight is trained, no adapter."""
     lora: LoraSpec | None = None
-    """Adapter settings, for ``qlora`` and ``lora``. Unset: the recipe defaults."""
+    """Adapter settings, for `qlora` and `lora`. Unset: the recipe defaults."""
     quantization: QuantizationSpec | None = None
-    """Base-weight quantization. Unset: 4-bit nf4 for ``qlora``, none otherwise."""
+    """Base-weight quantization. Unset: 4-bit nf4 for `qlora`, none otherwise."""
 
     @model_validator(mode="after")
     def _rules(self) -> MethodSpec:
@@ -344,6 +344,10 @@ class TrainingSpec(_Model):
                     "set training.epochs or training.maxSteps, not both",
                 ),
                 cel(
+                    "!has(self.blockSize) || self.blockSize <= (has(self.maxSeqLength) ? self.maxSeqLength : 512)",
+                    "training.blockSize cannot exceed training.maxSeqLength",
+                ),
+                cel(
                     "!has(self.earlyStoppingPatience) || !has(self.saveSteps) || !has(self.evalSteps) "
                     "|| self.saveSteps % self.evalSteps == 0",
                     "early stopping keeps the best checkpoint, so training.saveSteps must be a multiple "
@@ -356,9 +360,9 @@ class TrainingSpec(_Model):
     learning_rate: float = Field(default=2e-4, gt=0, le=1)
     """Peak learning rate."""
     epochs: float | None = Field(default=None, gt=0)
-    """Passes over the training data. Set this or ``maxSteps``."""
+    """Passes over the training data. Set this or `maxSteps`."""
     max_steps: int | None = Field(default=None, ge=1)
-    """Optimizer steps. Unset and no ``epochs``: 500 (the Guanaco recipe)."""
+    """Optimizer steps. Unset and no `epochs`: 500 (the Guanaco recipe)."""
     per_device_batch_size: int = Field(default=4, ge=1)
     """Sequences per GPU per forward pass."""
     gradient_accumulation_steps: int = Field(default=4, ge=1)
@@ -366,9 +370,12 @@ class TrainingSpec(_Model):
     max_seq_length: int = Field(default=512, ge=16, le=131072)
     """Longest tokenized sequence; longer rows are truncated."""
     packing: bool = False
-    """Pack several short rows into one sequence of ``maxSeqLength`` tokens (the AutoTrain block)."""
+    """Pack several short rows into one sequence of `blockSize` tokens (less padding, faster)."""
+    block_size: int | None = Field(default=None, ge=16, le=131072)
+    """Length of the packed blocks (AutoTrain's `block_size`). Setting it turns `packing` on; rows
+    are first truncated to `maxSeqLength` (AutoTrain's `model_max_length`). Unset: `maxSeqLength`."""
     optimizer: Optimizer = "paged_adamw_32bit"
-    """Optimizer. ``paged_*`` optimizers page their state to CPU memory under pressure."""
+    """Optimizer. `paged_*` optimizers page their state to CPU memory under pressure."""
     lr_scheduler: Scheduler = "constant"
     """Learning-rate schedule after warm-up."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
@@ -382,7 +389,7 @@ class TrainingSpec(_Model):
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """``auto``: bf16 on GPUs that support it, else fp16 on GPU, none on CPU."""
+    """`auto`: bf16 on GPUs that support it, else fp16 on GPU, none on CPU."""
     upcast_norms: bool = True
     """Keep normalization layers in float32 (as in the QLoRA recipe) for stable training."""
     seed: int = Field(default=42, ge=0)
@@ -391,20 +398,22 @@ class TrainingSpec(_Model):
     """Log loss and learning rate every N steps."""
     save_steps: int | None = Field(default=None, ge=1)
     """Checkpoint every N steps (resume after preemption restarts from the last one). Unset: 10 x
-    ``loggingSteps``, at most 100."""
+    `loggingSteps`, at most 100."""
     save_total_limit: int = Field(default=2, ge=1)
     """Checkpoints kept on disk."""
     eval_steps: int | None = Field(default=None, ge=1)
     """Evaluate every N steps. Unset: at each checkpoint."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
-    """Stop when the validation loss has not improved for N evaluations. Needs ``dataset.validation``."""
+    """Stop when the validation loss has not improved for N evaluations. Needs `dataset.validation`."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    """Multi-GPU strategy through accelerate: ``ddp`` replicates the model, ``fsdp`` shards it."""
+    """Multi-GPU strategy through accelerate: `ddp` replicates the model, `fsdp` shards it."""
 
     @model_validator(mode="after")
     def _rules(self) -> TrainingSpec:
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("set training.epochs or training.maxSteps, not both")
+        if self.block_size is not None and self.block_size > self.max_seq_length:
+            raise ValueError("training.blockSize cannot exceed training.maxSeqLength")
         if (
             self.early_stopping_patience is not None
             and self.save_steps is not None
@@ -418,10 +427,18 @@ class TrainingSpec(_Model):
         return self
 
     def effective_max_steps(self) -> int:
-        """-1 means "run ``epochs`` epochs" (the transformers convention)."""
+        """-1 means "run `epochs` epochs" (the transformers convention)."""
         if self.max_steps is not None:
             return self.max_steps
         return -1 if self.epochs is not None else DEFAULT_MAX_STEPS
+
+    @property
+    def uses_packing(self) -> bool:
+        return self.packing or self.block_size is not None
+
+    def effective_block_size(self) -> int:
+        """Tokens per training sequence (per packed block when packing)."""
+        return self.block_size or self.max_seq_length
 
     def effective_save_steps(self) -> int:
         return self.save_steps or min(100, 10 * self.logging_steps)
@@ -452,20 +469,20 @@ class ResourcesSpec(_Model):
     """Compute for each trainer Pod (one Pod per node)."""
 
     gpus_per_node: int = Field(default=1, ge=0, le=16)
-    """``nvidia.com/gpu`` requested by each Pod; one training process per GPU. 0 trains on CPU."""
+    """`nvidia.com/gpu` requested by each Pod; one training process per GPU. 0 trains on CPU."""
     nodes: int = Field(default=1, ge=1, le=128)
     """Pods (nodes) in the run. More than one runs multi-node through an Indexed Job."""
     gpu_type: str | None = Field(default=None, min_length=1, max_length=63)
-    """Required GPU product, matched against the node label ``nvidia.com/gpu.product``
-    (e.g. ``NVIDIA-A100-SXM4-80GB``)."""
+    """Required GPU product, matched against the node label `nvidia.com/gpu.product`
+    (e.g. `NVIDIA-A100-SXM4-80GB`)."""
     cpu: Quantity | None = Field(default=None, pattern=QUANTITY_RE)
-    """CPU request (and limit) per Pod, e.g. ``"8"``."""
+    """CPU request (and limit) per Pod, e.g. `"8"`."""
     memory: Quantity | None = Field(default=None, pattern=QUANTITY_RE)
-    """Memory request (and limit) per Pod, e.g. ``64Gi``."""
+    """Memory request (and limit) per Pod, e.g. `64Gi`."""
     shared_memory: Quantity = Field(default="8Gi", pattern=QUANTITY_RE)
-    """Size of ``/dev/shm`` (data loader workers and NCCL need more than the container default)."""
+    """Size of `/dev/shm` (data loader workers and NCCL need more than the container default)."""
     tolerations: list[Toleration] = Field(default_factory=list)
-    """Extra tolerations. The ``nvidia.com/gpu`` taint is always tolerated when GPUs are requested."""
+    """Extra tolerations. The `nvidia.com/gpu` taint is always tolerated when GPUs are requested."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Extra node labels the Pods must land on."""
     priority_class_name: str | None = Field(default=None, pattern=K8S_NAME_RE)
@@ -487,7 +504,7 @@ class HubOutput(_Model):
     """Push the result to a Hugging Face Hub repository."""
 
     repo_id: str = Field(pattern=HUB_ID_RE, max_length=200)
-    """Target repository, e.g. ``my-org/falcon-7b-guanaco``. Created when missing."""
+    """Target repository, e.g. `my-org/falcon-7b-guanaco`. Created when missing."""
     private: bool = True
     """Create the repository as private."""
     revision: str = Field(default="main", min_length=1, max_length=200)
@@ -509,7 +526,7 @@ class HubOutput(_Model):
 
 class OutputSpec(_Model):
     """Where the result goes. The adapter, tokenizer (with chat template), model card, metrics and
-    samples are always written to ``path``; ``hub`` also pushes them."""
+    samples are always written to `path`; `hub` also pushes them."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -528,10 +545,10 @@ class OutputSpec(_Model):
     hub: HubOutput | None = None
     """Also push to the Hub."""
     push_adapter: bool = True
-    """Push the LoRA adapter (ignored for ``method.type: full``, which pushes the full model)."""
+    """Push the LoRA adapter (ignored for `method.type: full`, which pushes the full model)."""
     push_merged: bool = False
     """Also merge the adapter into the (unquantized) base weights and push the merged model, under
-    ``merged/`` in the same repository."""
+    `merged/` in the same repository."""
 
     @model_validator(mode="after")
     def _rules(self) -> OutputSpec:
@@ -552,7 +569,7 @@ class SamplesSpec(_Model):
 
 
 class StorageSpec(_Model):
-    """A volume mounted at ``mountPath`` in every trainer Pod."""
+    """A volume mounted at `mountPath` in every trainer Pod."""
 
     claim_name: str | None = Field(default=None, pattern=K8S_NAME_RE)
     """PersistentVolumeClaim to mount. Unset: an emptyDir, which does not survive the Pod (no resume
@@ -568,7 +585,7 @@ class RunPolicy(_Model):
     """Pause the run (the Job's Pods are deleted; the run continues from its last checkpoint when
     resumed)."""
     backoff_limit: int = Field(default=3, ge=0)
-    """Pod failures before the run is Failed. Preemptions (``DisruptionTarget``) do not count."""
+    """Pod failures before the run is Failed. Preemptions (`DisruptionTarget`) do not count."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Wall-clock limit of the run."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
@@ -584,8 +601,8 @@ class FineTuneJobSpec(_Model):
         json_schema_extra={
             "cel": [
                 cel(
-                    "self.method.type == 'full' || !has(self.training) || "
-                    "!has(self.training.earlyStoppingPatience) || has(self.dataset.validation)",
+                    "!has(self.training) || !has(self.training.earlyStoppingPatience) "
+                    "|| has(self.dataset.validation)",
                     "training.earlyStoppingPatience needs evaluation data: set dataset.validation",
                 ),
             ]
@@ -648,11 +665,11 @@ class FineTuneJobStatus(_Model):
     state: State | None = None
     """Pending, Running, Succeeded, Failed or Suspended."""
     progress: str | None = None
-    """Training progress, e.g. ``37%``."""
+    """Training progress, e.g. `37%`."""
     loss: str | None = None
     """Latest training loss."""
     eta: str | None = None
-    """Estimated time left, e.g. ``1h12m``."""
+    """Estimated time left, e.g. `1h12m`."""
     step: int | None = None
     total_steps: int | None = None
     restarts: int | None = None
@@ -688,6 +705,17 @@ class ObjectMeta(_Model):
 class FineTuneJob(_Model):
     """Fine-tune a causal language model (QLoRA, LoRA or full) and publish the result."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "cel": [
+                cel(
+                    "size(self.metadata.name) <= 63",
+                    "metadata.name must be at most 63 characters: it names and labels the trainer Job",
+                )
+            ]
+        }
+    )
+
     api_version: Literal["kubetune.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
@@ -699,25 +727,31 @@ class FineTuneJob(_Model):
     def _no_inline_tokens(cls, data: Any) -> Any:
         leaked = find_inline_tokens(data)
         if leaked:
-            # Raised before anything else so the token never reaches an error message verbatim.
+            # Checked before anything else, and the message names where, never what.
             raise ValueError(
                 "inline Hugging Face token at "
-                + ", ".join(leaked)
-                + ": never put a token in a spec; store it in a Secret and reference it with "
-                "spec.output.hub.token.secretKeyRef"
+                + ", ".join(".".join(map(str, loc)) for loc in leaked)
+                + ": "
+                + INLINE_TOKEN_FIX
             )
         return data
 
 
-def find_inline_tokens(data: Any, path: str = "") -> list[str]:
-    """Dotted paths of every string that looks like a Hugging Face token."""
-    found: list[str] = []
+INLINE_TOKEN_FIX = (
+    "never put a token in a spec; store it in a Secret and reference it with "
+    "spec.output.hub.token.secretKeyRef"
+)
+
+
+def find_inline_tokens(data: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The location of every string that looks like a Hugging Face token."""
+    found: list[tuple[str | int, ...]] = []
     if isinstance(data, dict):
         for k, v in data.items():
-            found += find_inline_tokens(v, f"{path}.{k}" if path else str(k))
+            found += find_inline_tokens(v, (*loc, str(k)))
     elif isinstance(data, list):
         for i, v in enumerate(data):
-            found += find_inline_tokens(v, f"{path}[{i}]")
+            found += find_inline_tokens(v, (*loc, i))
     elif isinstance(data, str) and HF_TOKEN_RE.search(data):
-        found.append(path or "<root>")
+        found.append(loc)
     return found

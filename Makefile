@@ -1,0 +1,48 @@
+# The documented entry points. `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint typecheck unit generate verify bench clean
+
+# One virtual environment with the CLI, the trainer stack and the dev tools. uv (installed into the
+# venv itself, from PyPI) makes the ~5 GB torch install take seconds when cached.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install -q --python $(PY) -e ".[trainer,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/kubetune validate jobs/
+	$(BIN)/kubetune run jobs/tiny-local.yaml --local --output out/tiny-local
+
+lint: setup
+	$(BIN)/ruff check src tests bench hack
+	$(BIN)/ruff format --check src tests bench hack
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -m "not trainer"
+
+test: lint typecheck
+	$(BIN)/pytest
+
+# Regenerate the CRD, the JSON schema, the README reference and the golden files from the models.
+generate: setup
+	$(PY) -m kubetune.api.generate
+	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/test_examples.py
+
+verify: setup
+	$(BIN)/pytest -q tests/test_generated.py tests/test_examples.py
+
+bench: setup
+	$(PY) bench/startup.py
+	$(PY) bench/tiny_run.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,283 @@
+"""Generate the CRD, the editor JSON schema and the Markdown reference from the pydantic models.
+
+Everything here is a pure function of ``kubetune.api.v1alpha1``. ``write_all()`` (``make generate``)
+writes the files; tests/test_generated.py fails when a committed copy differs from what these return.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from kubetune import __version__
+from kubetune.api import v1alpha1 as api
+
+CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
+SCHEMA_PATH = Path("manifests/schema/finetunejob.schema.json")
+README_PATH = Path("README.md")
+REFERENCE_BEGIN = "<!-- BEGIN GENERATED: FineTuneJob reference (make generate) -->"
+REFERENCE_END = "<!-- END GENERATED: FineTuneJob reference -->"
+
+# Keys of pydantic's JSON schema that a structural Kubernetes schema does not take.
+_DROP = {"title", "default", "cel", "additionalProperties", "$defs"}
+
+
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(by_alias=True, mode="validation")
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline every ``$ref``: Kubernetes schemas must be self-contained."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            merged = {**_resolve(target, defs), **{k: v for k, v in node.items() if k != "$ref"}}
+            return _resolve(merged, defs)
+        return {k: _resolve(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, defs) for v in node]
+    return node
+
+
+def _default_note(default: Any) -> str:
+    if default is None or default == [] or default == {}:
+        return ""
+    return f" Default: {json.dumps(default)}."
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    """Turn one (resolved) pydantic JSON-schema node into a structural OpenAPI v3 node."""
+    node = dict(node)
+    # Optional[X] is anyOf [X, null]: unset fields are simply omitted on the wire.
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"unions other than Optional[X] cannot be structural: {options}")
+        node = {**options[0], **node}
+    out: dict[str, Any] = {}
+    description = node.get("description", "")
+    if "default" in node:
+        description = (description + _default_note(node["default"])).strip()
+    if description:
+        out["description"] = " ".join(description.split())
+    if "const" in node:
+        node.setdefault("enum", [node["const"]])
+    typ = node.get("type")
+    if typ is None and "enum" in node:
+        typ = {bool: "boolean", int: "integer", float: "number", str: "string"}[type(node["enum"][0])]
+    if typ is None:
+        raise ValueError(f"schema node without a type: {node}")
+    out["type"] = typ
+    for key in ("enum", "pattern", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
+        if key in node:
+            out[key] = node[key]
+    # JSON Schema 2020-12 writes exclusive bounds as numbers; OpenAPI v3.0 as booleans.
+    for key, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if key in node:
+            out[plain] = node[key]
+            out[key] = True
+    if typ == "object":
+        props = node.get("properties")
+        if props:
+            out["properties"] = {k: _structural(v) for k, v in props.items()}
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(node.get("additionalProperties"), dict):
+            out["additionalProperties"] = _structural(node["additionalProperties"])
+        if node.get("cel"):
+            out["x-kubernetes-validations"] = copy.deepcopy(node["cel"])
+    if typ == "array":
+        out["items"] = _structural(node["items"])
+    return out
+
+
+def crd_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the FineTuneJob CRD."""
+    raw = _json_schema(api.FineTuneJob)
+    resolved = _resolve(raw, raw.get("$defs", {}))
+    spec = _structural(resolved["properties"]["spec"])
+    status = _structural(resolved["properties"]["status"])
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return {
+        "description": " ".join((api.FineTuneJob.__doc__ or "").split()),
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": copy.deepcopy(resolved["cel"]),
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "State", "type": "string", "jsonPath": ".status.state"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+    {"name": "Loss", "type": "string", "jsonPath": ".status.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.eta"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.id", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/version": __version__},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["kubetune"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": crd_schema()},
+                }
+            ],
+        },
+    }
+
+
+def _strip_cel(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_cel(v) for k, v in node.items() if k != "cel"}
+    if isinstance(node, list):
+        return [_strip_cel(v) for v in node]
+    return node
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema for editors (yaml-language-server, VS Code, JetBrains)."""
+    schema = _strip_cel(_json_schema(api.FineTuneJob))
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://kubetune.io/schemas/{api.VERSION}/finetunejob.json",
+        **schema,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """A short type name for the docs, and the nested model to document (if any)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_null = [a for a in args if a is not type(None)]
+        return _unwrap(non_null[0]) if len(non_null) == 1 else (" | ".join(map(str, non_null)), None)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args), None
+    if origin is list:
+        name, model = _unwrap(args[0])
+        return f"list of {name}", model
+    if origin is dict:
+        return "map of string", None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"[{annotation.__name__}](#{annotation.__name__.lower()})", annotation
+    plain = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return plain.get(annotation, getattr(annotation, "__name__", str(annotation))), None
+
+
+def reference_markdown() -> str:
+    """The FineTuneJob field reference, in the order a reader meets the fields."""
+    out: list[str] = []
+    seen: set[type[BaseModel]] = set()
+    queue: list[type[BaseModel]] = [api.FineTuneJobSpec]
+    while queue:
+        model = queue.pop(0)
+        if model in seen:
+            continue
+        seen.add(model)
+        out.append(f"#### {model.__name__}\n")
+        out.append(" ".join((model.__doc__ or "").split()) + "\n")
+        out.append("| Field | Type | Default | Description |")
+        out.append("|---|---|---|---|")
+        for name, field in model.model_fields.items():
+            alias = field.alias or name
+            type_name, nested = _unwrap(field.annotation)
+            if nested is not None:
+                queue.append(nested)
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None or field.default is None:
+                default = ""
+            else:
+                default = f"`{json.dumps(field.default)}`"
+            desc = " ".join((field.description or "").split()).replace("|", "\\|")
+            out.append(f"| `{alias}` | {type_name} | {default} | {desc} |")
+        out.append("")
+        rules = (model.model_config.get("json_schema_extra") or {}).get("cel", [])  # type: ignore[union-attr]
+        if rules:
+            out.append("Rules: " + "; ".join(r["message"] for r in rules) + ".\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_crd_yaml() -> str:
+    header = "# Generated from src/kubetune/api/v1alpha1.py by `make generate`. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+
+
+def render_schema_json() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
+def splice_reference(readme: str) -> str:
+    """README.md with its generated reference section replaced."""
+    begin, end = readme.index(REFERENCE_BEGIN), readme.index(REFERENCE_END)
+    return readme[: begin + len(REFERENCE_BEGIN)] + "\n\n" + reference_markdown() + "\n" + readme[end:]
+
+
+def outputs(root: Path) -> dict[Path, str]:
+    """Every generated file and the content it must have."""
+    return {
+        root / CRD_PATH: render_crd_yaml(),
+        root / SCHEMA_PATH: render_schema_json(),
+        root / README_PATH: splice_reference((root / README_PATH).read_text()),
+    }
+
+
+def write_all(root: Path) -> list[Path]:
+    changed = []
+    for path, content in outputs(root).items():
+        if not path.exists() or path.read_text() != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":
+    for p in write_all(Path.cwd()):
+        print(f"wrote {p}")

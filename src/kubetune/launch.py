@@ -1,0 +1,74 @@
+"""The trainer container's entrypoint: `accelerate launch` of kubetune.trainer on the mounted spec.
+
+The Job sets the KUBETUNE_* variables (see kubetune.render) and, being Indexed, JOB_COMPLETION_INDEX,
+which is this pod's machine rank. `kubetune run --local` builds its command with the same function.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+
+def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> list[str]:
+    """The `accelerate launch …` command for this pod (pure: everything comes from `env`)."""
+    spec = env.get("KUBETUNE_SPEC", "/etc/kubetune/job.yaml")
+    nodes = int(env.get("KUBETUNE_NUM_NODES", "1"))
+    gpus = int(env.get("KUBETUNE_GPUS_PER_NODE", "1"))
+    strategy = env.get("KUBETUNE_DISTRIBUTED", "ddp")
+    processes = max(gpus, 1) * nodes
+    argv = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        str(nodes),
+        # The trainer picks bf16/fp16 itself from the spec; accelerate must not force another.
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    if gpus == 0:
+        argv.append("--cpu")
+    elif strategy == "fsdp":
+        argv += [
+            "--use_fsdp",
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_use_orig_params",
+            "true",
+            "--fsdp_cpu_ram_efficient_loading",
+            "true",
+            "--fsdp_sync_module_states",
+            "true",
+            "--fsdp_state_dict_type",
+            "SHARDED_STATE_DICT",
+        ]
+    elif processes > 1:
+        argv.append("--multi_gpu")
+    if nodes > 1:
+        argv += [
+            "--machine_rank",
+            env.get("JOB_COMPLETION_INDEX", "0"),
+            "--main_process_ip",
+            env["KUBETUNE_MASTER_ADDR"],
+            "--main_process_port",
+            env.get("KUBETUNE_MASTER_PORT", "29500"),
+            "--same_network",
+        ]
+    return [*argv, "-m", "kubetune.trainer", "--spec", spec, *extra_args]
+
+
+def main() -> None:
+    argv = accelerate_argv(os.environ, sys.argv[1:])
+    print("kubetune: " + " ".join(argv), flush=True)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()

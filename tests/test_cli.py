@@ -1,0 +1,91 @@
+"""The `kubetune` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from kubetune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_validate_examples_ok() -> None:
+    result = CliRunner().invoke(main, ["validate", str(ROOT / "jobs")])
+    assert result.exit_code == 0, result.output
+    assert "FineTuneJob(s) valid" in result.output
+
+
+def test_validate_reports_file_line_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: kubetune.io/v1alpha1\n"
+        "kind: FineTuneJob\n"
+        "metadata: {name: bad}\n"
+        "spec:\n"
+        "  model: {id: tiiuae/falcon-7b}\n"
+        "  dataset: {id: timdettmers/openassistant-guanaco}\n"
+        "  training:\n"
+        "    epochs: 3\n"
+        "    maxSteps: 10\n"
+        "    lerningRate: 0.1\n"
+    )
+    other = tmp_path / "other.yaml"
+    other.write_text(bad.read_text().replace("    lerningRate: 0.1\n", ""))
+    result = CliRunner().invoke(main, ["validate", str(bad), str(other), str(ROOT / "jobs")])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{bad}:10: spec.training.lerningRate: unknown field 'lerningRate'; did you mean 'learningRate'?",
+        f"{other}:7: spec.training: set training.epochs or training.maxSteps, not both",
+    ]
+    assert "2 error(s)" in result.stderr
+
+
+def test_validate_fails_when_no_job_found(tmp_path: Path) -> None:
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path)])
+    assert result.exit_code == 1
+
+
+def test_render_prints_the_objects() -> None:
+    result = CliRunner().invoke(main, ["render", str(ROOT / "jobs/bloom-lora.yaml"), "-n", "team-x"])
+    assert result.exit_code == 0, result.output
+    objects = list(yaml.safe_load_all(result.stdout))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Job"]
+    assert all(o["metadata"]["namespace"] == "team-x" for o in objects)
+
+
+def test_render_of_invalid_file_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: b}\nspec: {}\n")
+    result = CliRunner().invoke(main, ["render", str(bad)])
+    assert result.exit_code == 1 and "spec.model: required field is missing" in result.stderr
+
+
+def test_crd_and_schema_commands() -> None:
+    crd = yaml.safe_load(CliRunner().invoke(main, ["crd"]).stdout)
+    assert crd["kind"] == "CustomResourceDefinition"
+    schema = CliRunner().invoke(main, ["schema"]).stdout
+    assert '"FineTuneJobSpec"' in schema
+
+
+def test_run_needs_local(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(ROOT / "jobs/bloom-lora.yaml")])
+    assert result.exit_code == 2 and "--local" in result.output
+
+
+def test_validate_never_imports_the_ml_stack() -> None:
+    """`kubetune validate` in CI must not pay for torch (see bench/startup.py for the timing)."""
+    code = (
+        "import sys\n"
+        "from kubetune.cli import main\n"
+        f"main(['validate', '-q', {str(ROOT / 'jobs')!r}], standalone_mode=False)\n"
+        "heavy = {'torch', 'transformers', 'trl', 'peft', 'datasets', 'bitsandbytes', 'accelerate'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,91 @@
+"""The CRD, the JSON schema and the README reference are generated from the models: never stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.api import generate
+from kubetune.api.v1alpha1 import FineTuneJob
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", list(generate.outputs(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_generated_file_is_current(path: Path) -> None:
+    expected = generate.outputs(ROOT)[path]
+    assert path.read_text() == expected, f"{path.relative_to(ROOT)} is stale: run `make generate`"
+
+
+def _walk(node: object, path: str = ""):  # type: ignore[no-untyped-def]
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def test_crd_schema_is_structural() -> None:
+    """What the API server demands of a structural schema: a type on every node, no refs, unions or
+    defaults (defaults are applied by the models, so the stored object stays as the user wrote it)."""
+    schema = generate.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    def check(node: dict, where: str) -> None:
+        assert "type" in node, f"{where} has no type"
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "default", "title"} & set(node), where
+        for name, child in node.get("properties", {}).items():
+            check(child, f"{where}.{name}")
+        if "items" in node:
+            check(node["items"], f"{where}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            check(node["additionalProperties"], f"{where}{{}}")
+
+    check(schema, "<root>")
+
+
+def test_crd_documents_every_spec_field() -> None:
+    """`kubectl explain finetunejob.spec` shows a description for every field that has a docstring."""
+    spec = generate.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for name in ("model", "dataset", "method", "training", "resources", "output", "samples", "runPolicy"):
+        assert spec["properties"][name]["description"], name
+    lr = spec["properties"]["training"]["properties"]["learningRate"]
+    assert lr["type"] == "number" and lr["minimum"] == 0 and lr["exclusiveMinimum"] is True
+    assert "Default: 0.0002." in lr["description"]
+
+
+def test_crd_carries_the_cross_field_rules_and_columns() -> None:
+    crd = generate.crd()
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:4] == ["State", "Progress", "Loss", "ETA"] and columns[-1] == "Age"
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    messages = [
+        rule["message"] for _, node in _walk(spec) for rule in node.get("x-kubernetes-validations", [])
+    ]
+    assert any("qlora needs 4-bit" in m for m in messages)
+    assert any("not both" in m for m in messages)
+    assert any("exactly one of model.id" in m for m in messages)
+    assert crd["spec"]["names"]["shortNames"] == ["ftj"]
+
+
+def test_json_schema_accepts_the_examples_keys(root: Path) -> None:
+    """The editor schema names the same fields as the models (by alias)."""
+    schema = json.loads((root / generate.SCHEMA_PATH).read_text())
+    spec_def = schema["$defs"]["FineTuneJobSpec"]
+    assert set(spec_def["properties"]) == {
+        f.alias or n
+        for n, f in FineTuneJob.model_fields["spec"].annotation.model_fields.items()  # type: ignore[union-attr]
+    }
+    assert spec_def["additionalProperties"] is False
+    assert '"cel"' not in json.dumps(schema)
+
+
+def test_committed_crd_parses(root: Path) -> None:
+    crd = yaml.safe_load((root / generate.CRD_PATH).read_text())
+    assert crd["metadata"]["name"] == "finetunejobs.kubetune.io"
