@@ -468,6 +468,17 @@ Quantity = str  # Kubernetes resource quantity, e.g. "8", "500m", "64Gi"
 class ResourcesSpec(_Model):
     """Compute for each trainer Pod (one Pod per node)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "cel": [
+                cel(
+                    "!has(self.gpuType) || !has(self.gpusPerNode) || self.gpusPerNode > 0",
+                    "resources.gpuType needs GPUs: set resources.gpusPerNode to 1 or more",
+                )
+            ]
+        }
+    )
+
     gpus_per_node: int = Field(default=1, ge=0, le=16)
     """`nvidia.com/gpu` requested by each Pod; one training process per GPU. 0 trains on CPU."""
     nodes: int = Field(default=1, ge=1, le=128)
