@@ -238,7 +238,7 @@ def reference_markdown() -> str:
             desc = " ".join((field.description or "").split()).replace("|", "\\|")
             out.append(f"| `{alias}` | {type_name} | {default} | {desc} |")
         out.append("")
-        rules = (model.model_config.get("json_schema_extra") or {}).get("cel", [])  # type: ignore[union-attr]
+        rules = api.cel_rules(model)
         if rules:
             out.append("Rules: " + "; ".join(r["message"] for r in rules) + ".\n")
     return "\n".join(out).rstrip() + "\n"

@@ -161,7 +161,7 @@ def _message(err: Any) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind in ("value_error", "assertion_error"):
-        return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return str(msg).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind == "literal_error":
         return f"{msg} (got {err.get('input')!r})"
     return str(msg)

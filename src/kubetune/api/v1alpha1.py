@@ -20,6 +20,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.config import JsonDict
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.io"
@@ -38,12 +39,21 @@ K8S_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*
 QUANTITY_RE = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One CRD `x-kubernetes-validations` entry (checked by the API server)."""
-    out = {"rule": rule, "message": message}
+    out: JsonDict = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
+
+
+def cel_rules(model: type[BaseModel]) -> list[dict[str, str]]:
+    """The CEL rules declared on one model (not its parents or fields)."""
+    extra = model.model_config.get("json_schema_extra")
+    rules = extra.get("cel") if isinstance(extra, dict) else None
+    if not isinstance(rules, list):
+        return []
+    return [{str(k): str(v) for k, v in r.items()} for r in rules if isinstance(r, dict)]
 
 
 class _Model(BaseModel):
