@@ -65,7 +65,8 @@ class _Model(BaseModel):
         extra="forbid",
         validate_assignment=True,
         use_attribute_docstrings=True,
-        frozen=False,
+        # Error text must never echo a value back: it could be a token pasted in the wrong field.
+        hide_input_in_errors=True,
     )
 
 
