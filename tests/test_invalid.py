@@ -142,6 +142,12 @@ CASES = [
         "set resources.gpusPerNode",
     ),
     (
+        "multi-node-cpu",
+        _both(_set("spec.resources.gpusPerNode", 0), _set("spec.resources.nodes", 2)),
+        "spec.resources",
+        "multi-node runs need GPUs",
+    ),
+    (
         "bad-quantity",
         _set("spec.resources.memory", "lots"),
         "spec.resources.memory",

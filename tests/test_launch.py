@@ -12,21 +12,20 @@ def flags(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
-def test_single_gpu() -> None:
-    argv = accelerate_argv({"KUBETUNE_SPEC": "/s.yaml", "KUBETUNE_GPUS_PER_NODE": "1"})
-    f = flags(argv)
-    assert argv[:2] == ["accelerate", "launch"]
-    assert f["--num_processes"] == "1" and "--multi_gpu" not in f and "--cpu" not in f
-    assert argv[-4:] == ["-m", "kubetune.trainer", "--spec", "/s.yaml"]
-
-
-def test_cpu() -> None:
-    f = flags(accelerate_argv({"KUBETUNE_GPUS_PER_NODE": "0"}))
-    assert "--cpu" in f and f["--num_processes"] == "1"
+def test_one_process_runs_the_trainer_directly() -> None:
+    """No launcher in between, so SIGTERM (preemption) reaches the trainer and it checkpoints."""
+    for gpus in ("0", "1"):
+        argv = accelerate_argv(
+            {"KUBETUNE_SPEC": "/s.yaml", "KUBETUNE_GPUS_PER_NODE": gpus}, ["--output", "/o"]
+        )
+        assert argv == ["python", "-m", "kubetune.trainer", "--spec", "/s.yaml", "--output", "/o"]
 
 
 def test_ddp_on_one_node() -> None:
-    f = flags(accelerate_argv({"KUBETUNE_GPUS_PER_NODE": "8"}))
+    argv = accelerate_argv({"KUBETUNE_SPEC": "/s.yaml", "KUBETUNE_GPUS_PER_NODE": "8"})
+    assert argv[:2] == ["accelerate", "launch"]
+    assert argv[-4:] == ["-m", "kubetune.trainer", "--spec", "/s.yaml"]
+    f = flags(argv)
     assert "--multi_gpu" in f and f["--num_processes"] == "8" and "--machine_rank" not in f
 
 

@@ -116,7 +116,8 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     """
     if not local:
         raise click.UsageError(
-            "only local runs are built in: add --local, or `kubectl apply -f FILE` with the operator installed"
+            "only local runs are built in: add --local, "
+            "or `kubectl apply -f FILE` with the operator installed"
         )
     from kubetune.launch import accelerate_argv
 
@@ -131,8 +132,8 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
         "KUBETUNE_DISTRIBUTED": job.spec.training.distributed,
     }
     argv = accelerate_argv(env, ["--output", str(out)])
-    # The launcher lives next to this interpreter (a venv's bin/), which may not be on PATH.
-    argv[0] = str(Path(sys.executable).with_name("accelerate"))
+    # Use this interpreter and the launcher beside it (a venv's bin/ need not be on PATH).
+    argv[0] = sys.executable if argv[0] == "python" else str(Path(sys.executable).with_name(argv[0]))
     click.echo(f"kubetune: training {job.metadata.name} on {count or 'no'} GPU(s) -> {out}", err=True)
     sys.exit(subprocess.call(argv, env=env))
 

@@ -1,4 +1,5 @@
-"""The trainer container's entrypoint: `accelerate launch` of kubetune.trainer on the mounted spec.
+"""The trainer container's entrypoint: `accelerate launch` of kubetune.trainer on the mounted spec
+(or the trainer itself, when the run is a single process).
 
 The Job sets the KUBETUNE_* variables (see kubetune.render) and, being Indexed, JOB_COMPLETION_INDEX,
 which is this pod's machine rank. `kubetune run --local` builds its command with the same function.
@@ -18,6 +19,11 @@ def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> l
     gpus = int(env.get("KUBETUNE_GPUS_PER_NODE", "1"))
     strategy = env.get("KUBETUNE_DISTRIBUTED", "ddp")
     processes = max(gpus, 1) * nodes
+    trainer = ["-m", "kubetune.trainer", "--spec", spec, *extra_args]
+    if processes == 1:
+        # No launcher in between: `accelerate launch` does not forward SIGTERM to a lone child, and the
+        # trainer must see it to checkpoint before a preempted pod goes away.
+        return ["python", *trainer]
     argv = [
         "accelerate",
         "launch",
@@ -31,9 +37,7 @@ def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> l
         "--dynamo_backend",
         "no",
     ]
-    if gpus == 0:
-        argv.append("--cpu")
-    elif strategy == "fsdp":
+    if strategy == "fsdp":
         argv += [
             "--use_fsdp",
             "--fsdp_sharding_strategy",
@@ -61,7 +65,7 @@ def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> l
             env.get("KUBETUNE_MASTER_PORT", "29500"),
             "--same_network",
         ]
-    return [*argv, "-m", "kubetune.trainer", "--spec", spec, *extra_args]
+    return [*argv, *trainer]
 
 
 def main() -> None:

@@ -132,6 +132,7 @@ def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_DISTRIBUTED", "value": spec.training.distributed},
         {"name": "KUBETUNE_MASTER_ADDR", "value": f"{name}-0.{name}" if res.nodes > 1 else "127.0.0.1"},
         {"name": "KUBETUNE_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "KUBETUNE_WORKDIR", "value": spec.storage.mount_path},
         {"name": "HF_HOME", "value": f"{spec.storage.mount_path}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

@@ -20,8 +20,8 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.config import JsonDict
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -355,7 +355,8 @@ class TrainingSpec(_Model):
                     "set training.epochs or training.maxSteps, not both",
                 ),
                 cel(
-                    "!has(self.blockSize) || self.blockSize <= (has(self.maxSeqLength) ? self.maxSeqLength : 512)",
+                    "!has(self.blockSize) "
+                    "|| self.blockSize <= (has(self.maxSeqLength) ? self.maxSeqLength : 512)",
                     "training.blockSize cannot exceed training.maxSeqLength",
                 ),
                 cel(
@@ -485,7 +486,12 @@ class ResourcesSpec(_Model):
                 cel(
                     "!has(self.gpuType) || !has(self.gpusPerNode) || self.gpusPerNode > 0",
                     "resources.gpuType needs GPUs: set resources.gpusPerNode to 1 or more",
-                )
+                ),
+                cel(
+                    "!has(self.nodes) || self.nodes == 1 || !has(self.gpusPerNode) || self.gpusPerNode > 0",
+                    "multi-node runs need GPUs: set resources.gpusPerNode to 1 or more, "
+                    "or resources.nodes to 1",
+                ),
             ]
         }
     )
@@ -514,6 +520,10 @@ class ResourcesSpec(_Model):
     def _rules(self) -> ResourcesSpec:
         if self.gpu_type is not None and self.gpus_per_node == 0:
             raise ValueError("resources.gpuType needs GPUs: set resources.gpusPerNode to 1 or more")
+        if self.nodes > 1 and self.gpus_per_node == 0:
+            raise ValueError(
+                "multi-node runs need GPUs: set resources.gpusPerNode to 1 or more, or resources.nodes to 1"
+            )
         return self
 
 

@@ -1,0 +1,162 @@
+"""Trainer callbacks: progress (rich bar / one-line logs + progress.json) and checkpoint-on-SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from kubetune.trainer.progress import ProgressFile, format_eta
+from kubetune.trainer.resume import PreemptionFlag
+
+log = logging.getLogger("kubetune.trainer")
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    """Shows step/total, loss and ETA (a rich bar on a TTY, one line per log otherwise) and keeps
+    ``progress.json`` current. Quiet off the main process."""
+
+    def __init__(self, progress: ProgressFile, *, is_main: bool, tty: bool) -> None:
+        self.progress = progress
+        self.is_main = is_main
+        self.tty = tty
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = 0.0
+        self._step0 = 0
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+        self.tokens_at_start = 0
+
+    def eta_seconds(self, step: int, total: int) -> float | None:
+        done = step - self._step0
+        if done <= 0 or total <= 0:
+            return None
+        return (time.monotonic() - self._t0) / done * max(0, total - step)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.monotonic()
+        self._step0 = state.global_step
+        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        if not self.is_main:
+            return
+        self.progress.update("Training", step=state.global_step, total_steps=state.max_steps)
+        if self.tty:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                "train", total=state.max_steps, completed=state.global_step, loss="-"
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not self.is_main or not logs:
+            return
+        loss = _num(logs.get("loss"))
+        if loss is not None:
+            self.loss = loss
+        eval_loss = _num(logs.get("eval_loss"))
+        if eval_loss is not None:
+            self.eval_loss = eval_loss
+        if loss is None and eval_loss is None:
+            return  # the final train summary
+        eta = self.eta_seconds(state.global_step, state.max_steps)
+        fields: dict[str, Any] = {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": self.loss,
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "epoch": None if state.epoch is None else round(float(state.epoch), 4),
+        }
+        if self.eval_loss is not None:
+            fields["eval_loss"] = self.eval_loss
+        self.progress.update("Training", **fields)
+        if self._bar is not None:
+            self._bar.update(
+                self._task, completed=state.global_step, loss=f"{self.loss:.4f}" if self.loss else "-"
+            )
+            if eval_loss is not None:
+                self._bar.console.print(f"step {state.global_step}: eval_loss {eval_loss:.4f}")
+            return
+        total = state.max_steps or 0
+        pct = f" ({100 * state.global_step / total:.0f}%)" if total else ""
+        if eval_loss is not None:
+            log.info("step %d/%d%s eval_loss %.4f", state.global_step, total, pct, eval_loss)
+        else:
+            lr = _num(logs.get("learning_rate"))
+            log.info(
+                "step %d/%d%s loss %.4f%s epoch %.2f eta %s",
+                state.global_step,
+                total,
+                pct,
+                loss,
+                f" lr {lr:.2e}" if lr is not None else "",
+                float(state.epoch or 0.0),
+                format_eta(eta),
+            )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step)
+            self._bar.stop()
+            self._bar = None
+
+
+class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+    """Saves a checkpoint and stops when SIGTERM arrived, and always checkpoints the last step (so a
+    restart after a failure in the post-training steps does not train again)."""
+
+    def __init__(self, flag: PreemptionFlag) -> None:
+        self.flag = flag
+        self.preempted_at: int | None = None
+
+    def _requested(self, args: Any) -> bool:
+        """The flag, agreed on by every process: all must checkpoint and stop at the same step, or the
+        others would wait forever in the next collective. (torchrun forwards SIGTERM to every worker, but
+        they need not receive it during the same step.)"""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.flag.requested
+        flag = torch.tensor([1 if self.flag.requested else 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._requested(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.preempted_at = state.global_step
+            log.warning("preempted: checkpointing step %d and stopping", state.global_step)
+        elif state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = True

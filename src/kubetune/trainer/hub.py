@@ -1,0 +1,89 @@
+"""Pushing the result to a Hugging Face Hub repository (one commit)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1 import HubOutput
+from kubetune.trainer.card import check_no_secrets
+from kubetune.trainer.errors import TrainerError
+
+log = logging.getLogger("kubetune.trainer")
+
+ATTEMPTS = 3
+# Files kubetune writes itself, checked once more for tokens before they leave the Pod.
+WRITTEN_BY_KUBETUNE = {"README.md", "metrics.json", "samples.json"}
+
+
+def hub_token() -> str:
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if not token:
+        raise TrainerError(
+            "output.hub.token: the HF_TOKEN environment variable is not set; the trainer Pod reads it from "
+            "the Secret named in output.hub.token.secretKeyRef (locally: export HF_TOKEN)"
+        )
+    return token
+
+
+def _files(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    return sorted(
+        (prefix + p.relative_to(folder).as_posix(), p)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def plan_upload(
+    *, root_folder: Path | None, extra_files: list[Path], merged_folder: Path | None
+) -> list[tuple[str, Path]]:
+    """``(path in repo, local file)`` pairs: the adapter (or full model) at the root, the card, metrics
+    and samples next to it, and the merged model under ``merged/``."""
+    plan: dict[str, Path] = {}
+    if root_folder is not None:
+        plan.update(_files(root_folder))
+    for f in extra_files:
+        if f.is_file():
+            plan[f.name] = f
+    if merged_folder is not None:
+        plan.update(_files(merged_folder, "merged/"))
+    return sorted(plan.items())
+
+
+def _transient(exc: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status is None or status == 429 or status >= 500
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def push(hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str) -> str:
+    """Create the repository (and branch) when missing and commit ``files``; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    for path_in_repo, local in files:
+        if path_in_repo in WRITTEN_BY_KUBETUNE:
+            check_no_secrets(local.read_text(encoding="utf-8", errors="replace"), what=path_in_repo)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=hub_token())
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            repo = api.create_repo(hub.repo_id, private=hub.private, repo_type="model", exist_ok=True)
+            if hub.revision != "main":
+                api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
+            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files]
+            info: Any = api.create_commit(
+                hub.repo_id, operations=ops, commit_message=commit_message, revision=hub.revision
+            )
+            log.info("pushed %d files to %s (revision %s)", len(files), repo, hub.revision)
+            return str(info.commit_url)
+        except Exception as exc:
+            if attempt == ATTEMPTS or not _transient(exc):
+                raise
+            log.warning("push to %s failed (%s); retrying (%d/%d)", hub.repo_id, exc, attempt, ATTEMPTS - 1)
+            time.sleep(5 * attempt)
+    raise AssertionError("unreachable")

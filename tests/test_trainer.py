@@ -1,0 +1,311 @@
+"""The real trainer stack (torch, bitsandbytes 4-bit, peft, TRL) on tiny random-weight models, on the CPU.
+
+The models are built from configs (tests/tiny.py): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("trl")
+
+import tiny  # noqa: E402
+from kubetune.trainer import run  # noqa: E402
+from kubetune.trainer.errors import Preempted  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_TOKEN = "hf_" + "FakeTestToken0123456789abcdef"  # looks like a real one, for leak checks
+
+# Decoder linear layers of the tiny models (2 layers each), all 4-bit under QLoRA.
+LINEAR_PER_ARCH = {"llama": 2 * 7, "falcon": 2 * 4, "bloom": 2 * 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: tiny.save_tiny_model(root / arch, arch) for arch in tiny.ARCHITECTURES}
+
+
+def logged_losses(checkpoint: Path) -> list[tuple[int, float]]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
+
+
+# --------------------------------------------------------------------------------------------------
+# The translations build the real objects
+# --------------------------------------------------------------------------------------------------
+
+
+def test_translations_are_accepted_by_the_libraries(tmp_path: Path) -> None:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+
+    from kubetune.api.v1alpha1 import FineTuneJob
+    from kubetune.trainer import config as cfg
+
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "recipe"},
+            "spec": {
+                "model": {"id": "tiiuae/falcon-7b"},
+                "dataset": {"id": "timdettmers/openassistant-guanaco"},
+            },
+        }
+    )
+    bnb = BitsAndBytesConfig(**cfg.bnb_config_kwargs(job.spec))  # type: ignore[arg-type]
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    lora = LoraConfig(**cfg.lora_config_kwargs(job.spec, "falcon"))  # type: ignore[arg-type]
+    assert lora.r == 64 and lora.lora_alpha == 16 and lora.lora_dropout == 0.1
+    args = SFTConfig(**cfg.sft_config_kwargs(job.spec, str(tmp_path), has_eval=True, hw=cfg.Hardware.cpu()))
+    assert args.optim == "paged_adamw_32bit" and args.max_grad_norm == 0.3
+    assert args.warmup_steps == 0.03 and args.lr_scheduler_type == "constant"
+    assert args.train_sampling_strategy == "group_by_length" and args.activation_checkpointing
+    assert args.max_steps == 500 and args.max_length == 512
+    assert not args.bf16 and not args.fp16  # CPU: no mixed precision
+
+
+# --------------------------------------------------------------------------------------------------
+# 4-bit QLoRA on tiny Llama, Falcon and BLOOM
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
+def test_qlora_trains_saves_and_reloads(arch: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune.trainer import config as cfg
+    from kubetune.trainer.modeling import load_model
+    from kubetune.trainer.spec import load_job
+
+    job_file = tiny.write_job(tmp_path, tiny_models[arch])
+
+    # The base really is 4-bit: every decoder linear layer is a bitsandbytes Linear4bit.
+    spec = load_job(job_file).spec
+    model = load_model(spec, tmp_path, cfg.Hardware.cpu())
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert len(four_bit) == LINEAR_PER_ARCH[arch]
+    assert plain == ["lm_head"]
+    del model
+
+    metrics = run(job_file)
+    out = tmp_path / "out"
+    assert metrics["steps"] == 40 and metrics["quantized_layers"] == LINEAR_PER_ARCH[arch]
+    assert metrics["data"]["kept"] == 200 and metrics["data"]["validation_rows"] == 20
+    assert 0 < metrics["eval_loss"] < 20 and metrics["perplexity"] > 1
+
+    # The loss goes down: mean of the first five logged losses vs the last five.
+    losses = [loss for _, loss in logged_losses(out / "checkpoints" / "checkpoint-40")]
+    assert len(losses) == 21  # step 1, then every 2 steps
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, losses
+
+    # The adapter reloads on a freshly loaded base and changes its outputs; the tokenizer keeps its template.
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert tokenizer.chat_template == tiny.CHAT_TEMPLATE
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, adapter).eval()
+    ids = tokenizer("### Instruction:\nReverse the word.\n\n### Input:\napple", return_tensors="pt")
+    with torch.no_grad():
+        tuned_logits = tuned(**ids).logits
+        with tuned.disable_adapter():
+            base_logits = tuned(**ids).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)
+    generated = tuned.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["What is the capital of Peru?"]
+    assert isinstance(samples[0]["completion"], str)
+
+
+# --------------------------------------------------------------------------------------------------
+# Other formats and methods, through the same entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chat_format_with_lora(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": r["instruction"] + " " + r["input"]},
+                {"role": "assistant", "content": r["output"]},
+            ]
+        }
+        for r in tiny.alpaca_rows(64)
+    ]
+    job = tiny.write_job(
+        tmp_path,
+        tiny_models["llama"],
+        rows,
+        dataset={"format": "chat", "validation": None},
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16}, "quantization": None},
+        training={"maxSteps": 4, "saveSteps": 4, "loggingSteps": 1},
+    )
+    metrics = run(job)
+    assert metrics["steps"] == 4 and metrics["quantized_layers"] == 0 and "eval_loss" not in metrics
+    assert (tmp_path / "out/adapter/adapter_config.json").is_file()
+
+
+def test_text_format_packed_full_finetune(tiny_models: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    rows = [{"text": f"{r['instruction']} {r['input']} -> {r['output']}"} for r in tiny.alpaca_rows(64)]
+    job = tiny.write_job(
+        tmp_path,
+        tiny_models["bloom"],
+        rows,
+        dataset={"format": "text", "validation": None},
+        method={"type": "full", "lora": None, "quantization": None},
+        training={"maxSteps": 3, "saveSteps": 3, "loggingSteps": 1, "blockSize": 32, "maxSeqLength": 64},
+    )
+    metrics = run(job)
+    assert metrics["steps"] == 3 and metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert (tmp_path / "out/model/model.safetensors").is_file()
+    assert not (tmp_path / "out/adapter").exists()
+    assert "packed 64 rows into" in capsys.readouterr().out
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    # A learning rate far too high makes the validation loss stop improving within a few evaluations.
+    job = tiny.write_job(
+        tmp_path,
+        tiny_models["llama"],
+        training={
+            "learningRate": 0.3,
+            "maxSteps": 40,
+            "loggingSteps": 2,
+            "evalSteps": 2,
+            "saveSteps": 2,
+            "earlyStoppingPatience": 1,
+        },
+        samples={"prompts": []},
+    )
+    metrics = run(job)
+    assert metrics["steps"] < 40
+    state = json.loads(
+        (tmp_path / f"out/checkpoints/checkpoint-{metrics['steps']}/trainer_state.json").read_text()
+    )
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert evals[-1] > min(evals)  # it stopped because the last evaluation was no better
+    assert metrics["eval_loss"] == pytest.approx(min(evals), abs=1e-3)  # and kept the best adapter
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption and resume
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_and_the_rerun_resumes(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
+    job = tiny.write_job(
+        tmp_path,
+        tiny_models["llama"],
+        training={"maxSteps": 60, "saveSteps": 10, "loggingSteps": 1},
+        samples={"prompts": []},
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.trainer", "--spec", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    first = out / "checkpoints" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.monotonic() + 180
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == Preempted.exit_code, output
+    assert "SIGTERM received" in output
+
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["state"] == "Preempted"
+    stopped = progress["step"]
+    assert 10 <= stopped < 60
+    saved = out / "checkpoints" / f"checkpoint-{stopped}"
+    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == stopped
+    assert not (out / "adapter").exists()  # training did not finish
+
+    capsys.readouterr()
+    metrics = run(job)
+    log = capsys.readouterr().out
+    assert f"resuming from step {stopped}" in log
+    steps_run = [int(line.split()[2].split("/")[0]) for line in log.splitlines() if " loss " in line]
+    assert steps_run[0] == stopped + 1 and steps_run[-1] == 60  # no step is done twice
+    assert metrics["steps"] == 60 and metrics["resumed_from_step"] == stopped
+    history = [step for step, _ in logged_losses(out / "checkpoints" / "checkpoint-60")]
+    assert history == sorted(set(history)) and history[-1] == 60
+    assert json.loads((out / "progress.json").read_text())["state"] == "Succeeded"
+
+    # A finished run started again does not train again.
+    again = run(job)
+    assert again["resumed_from_step"] == 60 and again["steps"] == 60
+
+
+# --------------------------------------------------------------------------------------------------
+# The example job, the model card and secrets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tiny_local_job_card_and_no_token_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("KUBETUNE_GIT_COMMIT", "deadbeef")
+    out = tmp_path / "out"
+    metrics = run(ROOT / "jobs/tiny-local.yaml", out)  # its wall time is measured in bench/tiny_run.py
+    assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["data"] == {
+        "rows_read": 228,
+        "empty_dropped": 3,
+        "duplicates_dropped": 5,
+        "kept": 220,
+        "train_rows": 198,
+        "validation_rows": 22,
+    }
+    for name in ("README.md", "metrics.json", "samples.json", "progress.json", "adapter/README.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert json.loads((out / "progress.json").read_text())["state"] == "Succeeded"
+    assert len(json.loads((out / "samples.json").read_text())) == 2
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card
+    assert "path: tiny/llama" in card and "format: alpaca" in card and "maxSteps: 40" in card  # the spec
+    assert "metadata" not in card.split("## Training spec")[1].split("## Software")[0]
+    assert f"| train_loss_last | {metrics['train_loss_last']:.4g} |" in card
+    assert "deadbeef" in card and "bitsandbytes" in card and "trl" in card
+    assert "What is the capital of France?" in card
+    # Lineage: the exact bytes trained on.
+    digest = hashlib.sha256((ROOT / "jobs/tiny/data.jsonl").read_bytes()).hexdigest()
+    assert metrics["lineage"]["dataset_files_sha256"] == {"tiny/data.jsonl": digest}
+    assert f"`tiny/data.jsonl` (sha256 `{digest[:16]}" in card
+
+    token = FAKE_TOKEN.encode()
+    leaked = [str(p) for p in out.rglob("*") if p.is_file() and token in p.read_bytes()]
+    assert leaked == []

@@ -1,0 +1,200 @@
+"""Pushing to the Hub, tested against a LOCAL STAND-IN for the Hugging Face Hub.
+
+``StandInHub`` is not the Hub: it is a small HTTP server on 127.0.0.1 that implements just the calls a
+kubetune push makes (create repo, create branch, preupload, commit with inline base64 files), so the real
+``huggingface_hub`` client can talk to it through ``HF_ENDPOINT``. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.trainer
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("trl")
+pytest.importorskip("huggingface_hub")
+
+import tiny  # noqa: E402
+from kubetune.trainer import run  # noqa: E402
+from kubetune.trainer.errors import TrainerError  # noqa: E402
+
+FAKE_TOKEN = "hf_" + "FakeHubToken0123456789abcdef"
+
+
+class StandInHub:
+    """A local stand-in for the Hub API (see the module docstring). Records what it is asked."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, Any]] = {}
+        self.branches: list[tuple[str, str]] = []
+        self.commits: list[dict[str, Any]] = []
+        self.auth_headers: list[str | None] = []
+        self.unknown: list[str] = []
+        self.validated: list[Any] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                hub.auth_headers.append(self.headers.get("Authorization"))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
+                if parts == ["api", "repos", "create"]:
+                    req = json.loads(body)
+                    repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                    # Older clients send "private", newer ones "visibility".
+                    private = req["private"] if "private" in req else req.get("visibility") == "private"
+                    hub.repos[repo] = {"private": private}
+                    return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo, "id": repo})
+                if parts == ["api", "validate-yaml"]:
+                    # The client checks README.md's metadata before a commit: the front matter must parse.
+                    content = json.loads(body)["content"]
+                    try:
+                        front = (
+                            yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else {}
+                        )
+                    except yaml.YAMLError as exc:
+                        return self._reply(400, {"error": f"invalid YAML metadata: {exc}"})
+                    hub.validated.append(front)
+                    return self._reply(200, {"errors": [], "warnings": []})
+                if len(parts) >= 5 and parts[:2] == ["api", "models"]:
+                    repo, action, rest = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
+                    if action == "branch":
+                        hub.branches.append((repo, rest))
+                        return self._reply(200, {})
+                    if action == "preupload":
+                        files = json.loads(body)["files"]
+                        modes = [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                        ]
+                        return self._reply(200, {"files": modes})
+                    if action == "commit":
+                        received: dict[str, bytes] = {}
+                        header: dict[str, Any] = {}
+                        for line in body.splitlines():
+                            item = json.loads(line)
+                            if item["key"] == "header":
+                                header = item["value"]
+                            elif item["key"] == "file":
+                                received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        hub.commits.append(
+                            {"repo": repo, "revision": rest, "header": header, "files": received}
+                        )
+                        oid = f"{len(hub.commits):040x}"
+                        return self._reply(
+                            200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid}
+                        )
+                hub.unknown.append(f"POST {self.path}")
+                return self._reply(404, {"error": f"the stand-in Hub does not implement POST {self.path}"})
+
+            def do_GET(self) -> None:
+                hub.unknown.append(f"GET {self.path}")
+                self._reply(404, {"error": f"the stand-in Hub does not implement GET {self.path}"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StandInHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_push_to_a_local_stand_in_for_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trains a tiny QLoRA adapter, merges it, and pushes to the LOCAL STAND-IN Hub (not the real one)."""
+    model = tiny.save_tiny_model(tmp_path / "model", "llama")
+    job = tiny.write_job(
+        tmp_path / "job",
+        model,
+        training={"maxSteps": 4, "saveSteps": 4, "loggingSteps": 1},
+        output={
+            "path": "out",
+            "hub": {
+                "repoId": "me/tiny-qlora",
+                "revision": "run-1",
+                "token": {"secretKeyRef": {"name": "hf-token"}},
+            },
+            "pushMerged": True,
+        },
+    )
+    out = tmp_path / "job" / "out"
+    with StandInHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        with pytest.raises(
+            TrainerError, match=r"output\.hub\.token: the HF_TOKEN environment variable is not set"
+        ):
+            run(job)
+        assert hub.commits == []
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        metrics = run(job)
+
+    assert hub.unknown == []
+    assert hub.repos == {"me/tiny-qlora": {"private": True}}
+    assert [m["library_name"] for m in hub.validated] == ["peft"]  # the card's metadata
+    assert hub.branches == [("me/tiny-qlora", "run-1")]
+    assert hub.auth_headers and all(a == f"Bearer {FAKE_TOKEN}" for a in hub.auth_headers)
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert commit["repo"] == "me/tiny-qlora" and commit["revision"] == "run-1"
+    files = commit["files"]
+    expected = [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "metrics.json",
+        "samples.json",
+        "merged/model.safetensors",
+        "merged/config.json",
+        "merged/tokenizer.json",
+    ]
+    assert [name for name in expected if name not in files] == []
+    assert not any(name.startswith(("checkpoints/", "progress")) for name in files)
+    assert files["README.md"] == (out / "README.md").read_bytes()
+    assert files["adapter_model.safetensors"] == (out / "adapter/adapter_model.safetensors").read_bytes()
+    assert FAKE_TOKEN.encode() not in b"".join(files.values())
+    assert metrics["hub_commit_url"].startswith(f"{hub.url}/me/tiny-qlora/commit/")
+    assert json.loads((out / "progress.json").read_text())["state"] == "Succeeded"
+
+    # The merged model is the base with the adapter folded in: same architecture, no LoRA weights, and
+    # the same outputs as base + adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+        with tuned.disable_adapter():
+            assert not torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
