@@ -42,6 +42,7 @@ class StandInHub:
         self.auth_headers: list[str | None] = []
         self.unknown: list[str] = []
         self.validated: list[Any] = []
+        self.fail_next: list[int] = []  # HTTP statuses to answer the next commits with
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -89,6 +90,9 @@ class StandInHub:
                             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
                         ]
                         return self._reply(200, {"files": modes})
+                    if action == "commit" and hub.fail_next:
+                        status = hub.fail_next.pop(0)
+                        return self._reply(status, {"error": f"stand-in failure {status}"})
                     if action == "commit":
                         received: dict[str, bytes] = {}
                         header: dict[str, Any] = {}
@@ -198,3 +202,29 @@ def test_push_to_a_local_stand_in_for_the_hub(tmp_path: Path, monkeypatch: pytes
         assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
         with tuned.disable_adapter():
             assert not torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+
+
+def test_push_retries_transient_failures_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the LOCAL STAND-IN Hub: a 503 is retried and the push lands; a 403 fails at once."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from kubetune.api.v1alpha1 import HubOutput
+    from kubetune.trainer import hub as hub_mod
+
+    monkeypatch.setattr(hub_mod, "RETRY_WAIT_SECONDS", 0.0)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    files = [("adapter_config.json", tmp_path / "adapter_config.json")]
+    target = HubOutput.model_validate({"repoId": "me/retry", "token": {"secretKeyRef": {"name": "t"}}})
+    with StandInHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.fail_next = [503, 502]
+        url = hub_mod.push(target, files, commit_message="m")
+        assert len(hub.commits) == 1 and url.startswith(f"{hub.url}/me/retry/commit/")
+        assert hub.fail_next == []
+
+        hub.fail_next = [403, 503]
+        with pytest.raises(HfHubHTTPError):
+            hub_mod.push(target, files, commit_message="m")
+        assert hub.fail_next == [503]  # no second attempt after a 403
+        assert len(hub.commits) == 1

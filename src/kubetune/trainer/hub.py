@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from kubetune.trainer.errors import TrainerError
 log = logging.getLogger("kubetune.trainer")
 
 ATTEMPTS = 3
+RETRY_WAIT_SECONDS = 5.0  # exponential back-off base between attempts
 # Files kubetune writes itself, checked once more for tokens before they leave the Pod.
 WRITTEN_BY_KUBETUNE = {"README.md", "metrics.json", "samples.json"}
 
@@ -53,7 +53,8 @@ def plan_upload(
     return sorted(plan.items())
 
 
-def _transient(exc: Exception) -> bool:
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: rate limits, server errors, dropped connections. Not 4xx: they need a person."""
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(exc, HfHubHTTPError):
@@ -63,15 +64,25 @@ def _transient(exc: Exception) -> bool:
 
 
 def push(hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str) -> str:
-    """Create the repository (and branch) when missing and commit ``files``; returns the commit URL."""
+    """Create the repository (and branch) when missing and commit `files`; returns the commit URL.
+
+    Every step is idempotent (exist_ok; one commit of whole files), so a transient failure retries all."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
     for path_in_repo, local in files:
         if path_in_repo in WRITTEN_BY_KUBETUNE:
             check_no_secrets(local.read_text(encoding="utf-8", errors="replace"), what=path_in_repo)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=hub_token())
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
+    retrying = Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(ATTEMPTS),
+        wait=wait_exponential(multiplier=RETRY_WAIT_SECONDS, max=60),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
             repo = api.create_repo(hub.repo_id, private=hub.private, repo_type="model", exist_ok=True)
             if hub.revision != "main":
                 api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
@@ -79,11 +90,5 @@ def push(hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str) 
             info: Any = api.create_commit(
                 hub.repo_id, operations=ops, commit_message=commit_message, revision=hub.revision
             )
-            log.info("pushed %d files to %s (revision %s)", len(files), repo, hub.revision)
-            return str(info.commit_url)
-        except Exception as exc:
-            if attempt == ATTEMPTS or not _transient(exc):
-                raise
-            log.warning("push to %s failed (%s); retrying (%d/%d)", hub.repo_id, exc, attempt, ATTEMPTS - 1)
-            time.sleep(5 * attempt)
-    raise AssertionError("unreachable")
+    log.info("pushed %d files to %s (revision %s)", len(files), repo, hub.revision)
+    return str(info.commit_url)
