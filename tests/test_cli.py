@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -89,3 +91,28 @@ def test_validate_never_imports_the_ml_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.trainer
+def test_run_local_trains_through_the_same_launcher_as_the_cluster(tmp_path: Path) -> None:
+    """The README's example, as a user runs it: `kubetune run jobs/tiny-local.yaml --local`."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("kubetune")),
+            "run",
+            str(ROOT / "jobs/tiny-local.yaml"),
+            "--local",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 40/40" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
