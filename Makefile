@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install -q --compile-bytecode --python $(PY) -e ".[trainer,dev]"
+	$(BIN)/uv pip install -q --compile-bytecode --python $(PY) -e ".[trainer,operator,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

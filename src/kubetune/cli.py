@@ -138,5 +138,31 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     sys.exit(subprocess.call(argv, env=env))
 
 
+@main.command()
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Kubeconfig (default: in-cluster, then ~/.kube/config).",
+)
+@click.option("-n", "--namespace", default=None, help="Watch one namespace (default: all).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Objects reconciled in parallel.")
+@click.option("--image", default=None, help="Trainer image for specs that name none.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def operator(
+    kubeconfig: str | None, namespace: str | None, workers: int, image: str | None, log_format: str
+) -> None:
+    """Run the operator: reconcile FineTuneJobs into trainer Jobs and mirror their state."""
+    try:
+        from kubetune.controller.kube import Kube, load_client
+        from kubetune.controller.operator import Operator, setup_logging
+    except ImportError:
+        raise click.ClickException(
+            "the operator is not installed: pip install 'kubetune[operator]'"
+        ) from None
+    setup_logging(log_format)
+    Operator(Kube(load_client(kubeconfig)), namespace=namespace, workers=workers, image=image).run_forever()
+
+
 if __name__ == "__main__":
     main()

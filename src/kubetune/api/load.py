@@ -174,6 +174,11 @@ def _path(loc: Loc) -> str:
     return out or "<document>"
 
 
+def describe(error: ValidationError) -> list[str]:
+    """`field.path: message` for each problem, without a file (the operator's view of a bad object)."""
+    return [f"{_path(tuple(err['loc']))}: {_message(err)}" for err in error.errors()]
+
+
 def problems_from_error(doc: Document, error: ValidationError) -> list[Problem]:
     problems = []
     for err in error.errors():

@@ -1,0 +1,188 @@
+"""`kubetune operator`: watches FineTuneJobs and their Jobs and Pods, and reconciles them.
+
+Watches only turn events into keys (namespace, name); workers run `Reconciler.reconcile` for one key at
+a time. A failed pass is retried with back-off; one bad object never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from kubetune.controller.kube import Kube, is_status
+from kubetune.controller.queue import WorkQueue
+from kubetune.controller.reconcile import Reconciler
+from kubetune.render import LABEL_JOB
+
+log = logging.getLogger("kubetune.operator")
+
+WATCH_TIMEOUT_SECONDS = 300
+MANAGED = "app.kubernetes.io/managed-by=kubetune"
+
+
+class Operator:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        namespace: str | None = None,
+        workers: int = 4,
+        image: str | None = None,
+        resync_seconds: float = 600.0,
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.workers = workers
+        self.reconciler = Reconciler(kube, image=image)
+        self.queue = WorkQueue()
+        self.resync_seconds = resync_seconds
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.reconciles = 0
+        self._synced = {kind: threading.Event() for kind in ("FineTuneJob", "Job", "Pod")}
+
+    # Lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> Operator:
+        for kind in ("FineTuneJob", "Job", "Pod"):
+            self._spawn(f"watch-{kind}", self._watch, kind)
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", self._work)
+        log.info("operator started (namespace=%s, workers=%d)", self.namespace or "<all>", self.workers)
+        return self
+
+    def wait_synced(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self._synced.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.shutdown()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # Watches: list, then watch from the list's resourceVersion; relist on 410 Gone or errors ----------
+
+    def _key(self, kind: str, obj: dict[str, Any]) -> tuple[str, str] | None:
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace")
+        name = meta.get("name") if kind == "FineTuneJob" else (meta.get("labels") or {}).get(LABEL_JOB)
+        return (str(namespace), str(name)) if namespace and name else None
+
+    def _watch(self, kind: str) -> None:
+        selector = None if kind == "FineTuneJob" else MANAGED
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                listing = self.kube.list_raw(kind, self.namespace, selector)
+                for item in listing.get("items") or []:
+                    key = self._key(kind, item)
+                    if key:
+                        self.queue.add(key)
+                self._synced[kind].set()
+                rv = listing["metadata"]["resourceVersion"]
+                relist_at = time.monotonic() + self.resync_seconds
+                while not self._stop.is_set() and time.monotonic() < relist_at:
+                    for event in self.kube.stream(kind, self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS):
+                        if self._stop.is_set():
+                            return
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise _Gone() if obj.get("code") == 410 else RuntimeError(json.dumps(obj)[:300])
+                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        key = self._key(kind, obj)
+                        if key:
+                            self.queue.add(key)
+                backoff = 1.0
+            except _Gone:
+                log.info("%s watch expired; relisting", kind)
+            except Exception as e:
+                if is_status(e, 410):
+                    log.info("%s watch expired; relisting", kind)
+                    continue
+                if self._stop.is_set():
+                    return
+                log.warning("%s watch failed (%s); retrying in %.0fs", kind, str(e)[:200], backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    # Workers ------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            key: tuple[str, str] = item  # type: ignore[assignment]
+            namespace, name = key
+            try:
+                again = self.reconciler.reconcile(namespace, name)
+                self.queue.forget(key)
+                if again is not None:
+                    self.queue.add_after(key, again)
+            except Exception as e:
+                delay = self.queue.add_rate_limited(key)
+                log.warning(
+                    "reconcile failed: %s; retrying in %.1fs",
+                    str(e)[:300],
+                    delay,
+                    extra={"namespace": namespace, "ftj": name},
+                )
+            finally:
+                self.reconciles += 1
+                self.queue.done(key)
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old: list again."""
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, naming the FineTuneJob when the record is about one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        for key in ("namespace", "ftj"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        return json.dumps(out)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        who = f"{record.namespace}/{record.ftj} " if hasattr(record, "ftj") else ""  # type: ignore[attr-defined]
+        return (
+            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7} {who}{record.getMessage()}"
+        )
+
+
+def setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False

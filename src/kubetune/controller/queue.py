@@ -1,0 +1,88 @@
+"""A work queue with client-go's semantics: a key is processed by one worker at a time, events that arrive
+while it is processed are folded into one more pass, and failures come back with exponential back-off."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+
+
+class WorkQueue:
+    def __init__(self, base_delay: float = 0.5, max_delay: float = 300.0) -> None:
+        self._cv = threading.Condition()
+        self._queue: deque[Hashable] = deque()
+        self._dirty: set[Hashable] = set()
+        self._processing: set[Hashable] = set()
+        self._delayed: list[tuple[float, int, Hashable]] = []
+        self._seq = 0
+        self._failures: dict[Hashable, int] = {}
+        self._base, self._max = base_delay, max_delay
+        self._shutdown = False
+
+    def add(self, key: Hashable) -> None:
+        with self._cv:
+            if self._shutdown or key in self._dirty:
+                return
+            self._dirty.add(key)
+            if key not in self._processing:
+                self._queue.append(key)
+                self._cv.notify()
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._delayed, (time.monotonic() + delay, self._seq, key))
+            self._cv.notify_all()
+
+    def add_rate_limited(self, key: Hashable) -> float:
+        """Requeue after a failure: base x 2^failures, capped."""
+        with self._cv:
+            n = self._failures.get(key, 0)
+            self._failures[key] = n + 1
+        delay = float(min(self._base * 2**n, self._max))
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: Hashable) -> None:
+        with self._cv:
+            self._failures.pop(key, None)
+
+    def get(self) -> Hashable | None:
+        """The next key to process, or None once shut down."""
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    _, _, key = heapq.heappop(self._delayed)
+                    if key not in self._dirty:
+                        self._dirty.add(key)
+                        if key not in self._processing:
+                            self._queue.append(key)
+                if self._shutdown:
+                    return None
+                if self._queue:
+                    key = self._queue.popleft()
+                    self._dirty.discard(key)
+                    self._processing.add(key)
+                    return key
+                timeout = self._delayed[0][0] - now if self._delayed else None
+                self._cv.wait(timeout)
+
+    def done(self, key: Hashable) -> None:
+        with self._cv:
+            self._processing.discard(key)
+            if key in self._dirty:
+                self._queue.append(key)
+                self._cv.notify()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._shutdown = True
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._queue)
