@@ -135,3 +135,18 @@ def test_configmap_holds_the_resolved_spec_and_no_secret() -> None:
     assert mounted["spec"]["method"]["type"] == "qlora"
     assert mounted["spec"]["output"]["hub"]["token"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
     assert "uid" not in mounted["metadata"] and "labels" not in mounted["metadata"]
+
+
+def test_pod_metadata_is_added_but_never_overrides_ours() -> None:
+    rendered = render_job(
+        job(
+            podMetadata={
+                "labels": {"team": "nlp", "kubetune.io/run": "spoofed"},
+                "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+            }
+        )
+    )
+    meta = rendered["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "nlp"
+    assert meta["labels"]["kubetune.io/run"] == rendered["metadata"]["name"]
+    assert meta["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}

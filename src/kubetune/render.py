@@ -142,6 +142,14 @@ def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
     return env
 
 
+def _pod_metadata(job: FineTuneJob) -> dict[str, Any]:
+    extra = job.spec.pod_metadata
+    meta: dict[str, Any] = {"labels": {**extra.labels, **labels(job)}}
+    if extra.annotations:
+        meta["annotations"] = dict(extra.annotations)
+    return meta
+
+
 def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
     spec, res, policy = job.spec, job.spec.resources, job.spec.run_policy
     name = run_name(job)
@@ -208,7 +216,7 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
         "podFailurePolicy": {
             "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
         },
-        "template": {"metadata": {"labels": labels(job)}, "spec": pod_spec},
+        "template": {"metadata": _pod_metadata(job), "spec": pod_spec},
     }
     if policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds

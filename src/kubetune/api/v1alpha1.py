@@ -626,6 +626,14 @@ class RunPolicy(_Model):
     """Kueue LocalQueue; the Job is then admitted (and suspended until admitted) by Kueue."""
 
 
+class PodMetadata(_Model):
+    """Extra labels and annotations for the trainer Pods (e.g. `cluster-autoscaler.kubernetes.io/
+    safe-to-evict: "false"`, or a service mesh opt-out). kubetune's own labels win on a clash."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
 class FineTuneJobSpec(_Model):
     """Desired state of a FineTuneJob."""
 
@@ -661,6 +669,8 @@ class FineTuneJobSpec(_Model):
     """Suspend, retries, deadlines, clean-up, queueing."""
     image: str | None = Field(default=None, min_length=1)
     """Trainer image. Unset: the image matching the operator's version."""
+    pod_metadata: PodMetadata = Field(default_factory=PodMetadata)
+    """Extra labels and annotations for the trainer Pods."""
 
     @model_validator(mode="after")
     def _rules(self) -> FineTuneJobSpec:
