@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubetune.controller.status import PROGRESS_ANNOTATION, Observed, compute_status, format_duration
+from kubetune.controller.status import PROGRESS_ANNOTATION, Observed, compute_status
+from kubetune.durations import format_duration
 
 NOW = "2026-11-28T10:00:00Z"
 
@@ -121,4 +122,4 @@ def test_a_new_run_forgets_the_old_runs_progress() -> None:
 
 
 def test_durations() -> None:
-    assert [format_duration(s) for s in (5, 65, 3600, 4330)] == ["5s", "1m05s", "1h00m", "1h12m"]
+    assert [format_duration(s) for s in (5, 65, 3600, 4330, None)] == ["5s", "1m05s", "1h00m", "1h12m", "?"]

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from kubetune.durations import format_duration
 from kubetune.trainer import config as cfg
 from kubetune.trainer.card import check_no_secrets, render_card, spec_yaml
-from kubetune.trainer.progress import ProgressFile, format_eta
+from kubetune.trainer.progress import ProgressFile
 from kubetune.trainer.resume import find_resume_checkpoint
 
 GPU_BF16 = cfg.Hardware(cuda=True, bf16_supported=True)
@@ -289,11 +290,11 @@ def test_progress_file_is_replaced_atomically(tmp_path: Path) -> None:
     assert not (tmp_path / "other.json").exists()
 
 
-def test_format_eta() -> None:
-    assert format_eta(None) == "?"
-    assert format_eta(42.4) == "42s"
-    assert format_eta(750) == "12m30s"
-    assert format_eta(4 * 3600 + 5 * 60) == "4h05m"
+def test_format_duration() -> None:
+    assert format_duration(None) == "?"
+    assert format_duration(42.4) == "42s"
+    assert format_duration(750) == "12m30s"
+    assert format_duration(4 * 3600 + 5 * 60) == "4h05m"
 
 
 def test_find_resume_checkpoint(tmp_path: Path) -> None:

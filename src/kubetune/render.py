@@ -30,6 +30,8 @@ TERMINATION_GRACE_SECONDS = 300
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_RUN = "kubetune.io/run"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+# The trainer reports its progress.json on its own Pod under this annotation; the operator reads it.
+ANNOTATION_PROGRESS = "kubetune.io/progress"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 
 
@@ -135,6 +137,9 @@ def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_WORKDIR", "value": spec.storage.mount_path},
         {"name": "HF_HOME", "value": f"{spec.storage.mount_path}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The trainer reports progress on its own Pod (kubetune.io/progress) for `kubectl get ftj`.
+        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBETUNE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     if spec.output.hub is not None:
         ref = spec.output.hub.token.secret_key_ref

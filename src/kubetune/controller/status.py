@@ -9,8 +9,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# Pods report training progress here (JSON of the trainer's progress.json); see README "Progress".
-PROGRESS_ANNOTATION = "kubetune.io/progress"
+from kubetune.durations import format_duration
+from kubetune.render import ANNOTATION_PROGRESS
+
+PROGRESS_ANNOTATION = ANNOTATION_PROGRESS
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -46,17 +48,6 @@ def _is_true(conditions: list[dict[str, Any]] | None, kind: str) -> bool:
 def job_finished(job: dict[str, Any]) -> bool:
     conds = job.get("status", {}).get("conditions")
     return _is_true(conds, "Complete") or _is_true(conds, "Failed")
-
-
-def format_duration(seconds: float) -> str:
-    s = max(int(seconds), 0)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{sec:02d}s"
-    return f"{sec}s"
 
 
 def _pod_failure(pods: list[dict[str, Any]]) -> str | None:

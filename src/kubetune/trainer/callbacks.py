@@ -9,7 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kubetune.trainer.progress import ProgressFile, format_eta
+from kubetune.durations import format_duration
+from kubetune.trainer.progress import ProgressFile
 from kubetune.trainer.resume import PreemptionFlag
 
 log = logging.getLogger("kubetune.trainer")
@@ -121,7 +122,7 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
                 loss,
                 f" lr {lr:.2e}" if lr is not None else "",
                 float(state.epoch or 0.0),
-                format_eta(eta),
+                format_duration(eta),
             )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

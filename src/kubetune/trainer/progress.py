@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.render import ANNOTATION_PROGRESS
+
 ProgressState = Literal[
     "Loading",  # reading the spec, data and model
     "Training",
@@ -44,24 +46,95 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def format_eta(seconds: float | None) -> str:
-    """``4h05m``, ``12m30s``, ``42s`` (``?`` when unknown)."""
-    if seconds is None:
-        return "?"
-    s = max(0, round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class PodReporter:
+    """Mirrors progress onto this Pod's `kubetune.io/progress` annotation, which the operator turns into
+    the Progress / Loss / ETA columns of `kubectl get ftj`.
+
+    In a Pod it uses the Pod's ServiceAccount token (the trainer needs `patch` on pods in its namespace)
+    and the Downward-API variables the Job sets. Best effort: a refused or failed report never disturbs
+    training; after a 401/403 it stops trying, with one warning."""
+
+    MIN_INTERVAL_SECONDS = 10.0
+
+    def __init__(
+        self,
+        pod: str | None,
+        namespace: str | None,
+        server: str | None,
+        token: str | None,
+        ca_file: str | None = None,
+    ) -> None:
+        self.url = (
+            f"{server}/api/v1/namespaces/{namespace}/pods/{pod}" if pod and namespace and server else None
+        )
+        self.token = token
+        self.ca_file = ca_file
+        self.enabled = bool(self.url and token)
+        self._last = 0.0
+
+    @classmethod
+    def from_environment(cls, env: Any = os.environ) -> PodReporter:
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+        token_file, ca_file = SA_DIR / "token", SA_DIR / "ca.crt"
+        token = token_file.read_text().strip() if token_file.is_file() else None
+        server = f"https://{host}:{port}" if host else None
+        return cls(
+            env.get("KUBETUNE_POD_NAME"),
+            env.get("KUBETUNE_POD_NAMESPACE"),
+            server,
+            token,
+            str(ca_file) if ca_file.is_file() else None,
+        )
+
+    def report(self, data: dict[str, Any], force: bool = False) -> None:
+        import time
+
+        if not self.enabled or (not force and time.monotonic() - self._last < self.MIN_INTERVAL_SECONDS):
+            return
+        self._last = time.monotonic()
+        import logging
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"metadata": {"annotations": {ANNOTATION_PROGRESS: json.dumps(data)}}}).encode()
+        assert self.url is not None
+        req = urllib.request.Request(
+            self.url,
+            data=body,
+            method="PATCH",
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/merge-patch+json",
+            },
+        )
+        context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
+        try:
+            with urllib.request.urlopen(req, timeout=5, context=context):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                self.enabled = False
+                logging.getLogger("kubetune.trainer").warning(
+                    "progress is not shown in `kubectl get ftj`: this Pod's ServiceAccount may not patch "
+                    "pods (HTTP %d); grant it `patch` on pods to see Progress/Loss/ETA",
+                    e.code,
+                )
+        except (OSError, ValueError):
+            pass  # the next report tries again
 
 
 class ProgressFile:
-    """The last known progress, rewritten on every update (a no-op off the main process)."""
+    """The last known progress, rewritten on every update (a no-op off the main process), and mirrored
+    onto the Pod for the operator."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, reporter: PodReporter | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.reporter = reporter if reporter is not None else PodReporter.from_environment()
         self.data: dict[str, Any] = {
             "state": "Loading",
             "step": 0,
@@ -79,3 +152,5 @@ class ProgressFile:
         self.data["updated_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if self.enabled:
             write_json_atomic(self.path, self.data)
+            # State changes go out at once; step updates at most every MIN_INTERVAL_SECONDS.
+            self.reporter.report(self.data, force=state is not None)
