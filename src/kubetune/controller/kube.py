@@ -21,7 +21,7 @@ FIELD_MANAGER = "kubetune-operator"
 def load_client(kubeconfig: str | None = None) -> client.ApiClient:
     if kubeconfig:
         cfg = client.Configuration()
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
     else:
         try:
             cfg = client.Configuration()
