@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit generate verify bench clean
+.PHONY: setup demo test lint typecheck unit e2e generate verify bench clean
 
 # One virtual environment with the CLI, the trainer stack and the dev tools. uv (installed into the
 # venv itself, from PyPI) makes the ~5 GB torch install take seconds when cached.
@@ -27,7 +27,10 @@ typecheck: setup
 	$(BIN)/mypy
 
 unit: setup
-	$(BIN)/pytest -m "not trainer"
+	$(BIN)/pytest -m "not trainer and not e2e"
+
+e2e: setup
+	$(BIN)/pytest tests/e2e
 
 test: lint typecheck
 	$(BIN)/pytest

@@ -25,12 +25,14 @@ from kubetune.api.load import describe
 from kubetune.api.v1alpha1 import FineTuneJob, find_inline_tokens
 from kubetune.controller.kube import Kube
 from kubetune.controller.status import TERMINAL, Observed, compute_status, job_finished
-from kubetune.render import LABEL_JOB, LABEL_RUN, render, run_name, spec_hash
+from kubetune.render import LABEL_JOB, LABEL_RUN, render, render_job, run_name, spec_hash
 
 log = logging.getLogger("kubetune.operator")
 
 # While a run is active, look again this often even without events (progress, ETA).
 ACTIVE_RESYNC_SECONDS = 30.0
+# runPolicy fields applied to a running Job (backoffLimit and queueName apply from the next run).
+MUTABLE_JOB_FIELDS = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
 
 def utcnow() -> str:
@@ -104,12 +106,15 @@ class Reconciler:
                     ),
                     None,
                 )
-        elif current is not None:
-            want = job.spec.run_policy.suspend
-            if bool(current.get("spec", {}).get("suspend")) != want and not job_finished(current):
-                self.kube.patch_job(namespace, run, {"spec": {"suspend": want}})
-                current.setdefault("spec", {})["suspend"] = want
-                log.info("run %s %s", run, "suspended" if want else "resumed", extra=ctx)
+        elif current is not None and not job_finished(current):
+            # runPolicy steers the run it belongs to: these Job fields may change while it runs.
+            desired = render_job(job, image=self.image)["spec"]
+            have = current.get("spec", {})
+            patch = {k: desired.get(k) for k in MUTABLE_JOB_FIELDS if desired.get(k) != have.get(k)}
+            if patch:
+                self.kube.patch_job(namespace, run, {"spec": patch})
+                have.update(patch)
+                log.info("run %s: updated %s", run, ", ".join(sorted(patch)), extra=ctx)
 
         if current is None and finished_before:
             return None  # the finished run's Job was cleaned up (TTL): keep the recorded status
