@@ -78,7 +78,8 @@ class Reconciler:
         # Stop runs of older specs (an edited spec replaces its run; finished ones stay for the record).
         for old in jobs:
             old_name = old["metadata"]["name"]
-            if old_name != run and not job_finished(old):
+            deleting = old["metadata"].get("deletionTimestamp")
+            if old_name != run and not job_finished(old) and not deleting:
                 log.info("stopping run %s: the spec changed", old_name, extra=ctx)
                 for kind in ("Job", "Service", "ConfigMap"):
                     self.kube.delete(kind, namespace, old_name)
