@@ -320,7 +320,8 @@ def test_reapply_edit_metadata_and_suspend(cluster: Cluster, operator: Operator)
     jobs = cluster.jobs("gitops")
     assert len(jobs) == 1 and jobs[0]["metadata"]["name"] != first
     assert cluster.status("gitops")["jobName"] == jobs[0]["metadata"]["name"]
-    assert "RunReplaced" in [e["reason"] for e in cluster.events("gitops")]
+    reasons = [e["reason"] for e in cluster.events("gitops")]
+    assert reasons.count("RunReplaced") == 1 and reasons.count("RunCreated") == 2
 
 
 def test_finished_run_is_not_rerun_when_its_job_is_cleaned_up(cluster: Cluster, operator: Operator) -> None:

@@ -1,0 +1,106 @@
+"""Fixtures for the end-to-end tests against a real control plane (see tests/e2e/controlplane.py).
+
+The first run builds the binaries from the Go module proxy (about 10 minutes on 2 cores; cached outside
+the repository after). Without Go the tests FAIL, loudly: set KUBETUNE_SKIP_E2E=1 to skip them instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import sys
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+from controlplane import ControlPlane, ControlPlaneError, build, is_built, poll, start, stop
+
+SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
+E2E_DIR = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "e2e: runs against a real Kubernetes control plane built from source (KUBETUNE_SKIP_E2E=1 skips)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not SKIP:
+        return
+    skip = pytest.mark.skip(reason="KUBETUNE_SKIP_E2E=1")
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On an e2e failure, attach the cluster's state and the components' last log lines."""
+    report = yield
+    if report.when == "call" and report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        cp = funcargs.get("control_plane")
+        if isinstance(cp, ControlPlane):
+            ns = funcargs.get("namespace")
+            try:
+                report.sections.append(("control plane", cp.dump([ns] if isinstance(ns, str) else [])))
+            except Exception as e:  # a dump must never hide the failure itself
+                report.sections.append(("control plane", f"could not dump the cluster: {e!r}"))
+    return report
+
+
+@pytest.fixture(scope="session")
+def control_plane(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[ControlPlane]:
+    """One control plane for the whole session: etcd, kube-apiserver, kube-controller-manager,
+    kube-scheduler and kwok with fake GPU nodes gpu-a100-0/1 (8 x nvidia.com/gpu each, tainted
+    nvidia.com/gpu=present:NoSchedule) and cpu-0."""
+    try:
+        if is_built():
+            build()
+        else:
+            # A cold build takes about 10 minutes on 2 cores: show its progress rather than seem hung.
+            capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                print("\nbuilding the e2e control plane from source (once; cached after)", file=sys.stderr)
+                build(stream=True)
+    except ControlPlaneError as e:
+        pytest.fail(
+            f"cannot build the e2e control plane (set KUBETUNE_SKIP_E2E=1 to skip): {e}", pytrace=False
+        )
+    directory = tmp_path_factory.mktemp("controlplane")
+    try:
+        cp = start(directory, owner_pid=os.getpid())
+    except ControlPlaneError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield cp
+    finally:
+        stop(directory)
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test, with its default ServiceAccount (pods need it); deleted afterwards
+    without waiting."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"e2e-{slug}-{secrets.token_hex(3)}"
+    control_plane.kubectl("create", "namespace", name, check=True)
+    poll(
+        lambda: (
+            control_plane.kubectl("get", "serviceaccount", "default", f"--namespace={name}").returncode == 0
+        ),
+        timeout=30,
+        what=f"the default ServiceAccount in {name}",
+    )
+    try:
+        yield name
+    finally:
+        control_plane.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
