@@ -149,19 +149,48 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
 @click.option("--workers", type=int, default=4, show_default=True, help="Objects reconciled in parallel.")
 @click.option("--image", default=None, help="Trainer image for specs that name none.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--health-addr", default=None, help="Serve /healthz and /readyz here, e.g. 0.0.0.0:8080.")
+@click.option("--metrics-addr", default=None, help="Serve Prometheus /metrics here, e.g. 0.0.0.0:8081.")
+@click.option("--leader-elect", is_flag=True, help="Act only while holding the kubetune-operator Lease.")
+@click.option(
+    "--leader-election-namespace",
+    default=None,
+    envvar="POD_NAMESPACE",
+    help="Namespace of the Lease (default: $POD_NAMESPACE).",
+)
 def operator(
-    kubeconfig: str | None, namespace: str | None, workers: int, image: str | None, log_format: str
+    kubeconfig: str | None,
+    namespace: str | None,
+    workers: int,
+    image: str | None,
+    log_format: str,
+    health_addr: str | None,
+    metrics_addr: str | None,
+    leader_elect: bool,
+    leader_election_namespace: str | None,
 ) -> None:
     """Run the operator: reconcile FineTuneJobs into trainer Jobs and mirror their state."""
     try:
         from kubetune.controller.kube import Kube, load_client
+        from kubetune.controller.leader import LeaderElector
         from kubetune.controller.operator import Operator, setup_logging
     except ImportError:
         raise click.ClickException(
             "the operator is not installed: pip install 'kubetune[operator]'"
         ) from None
     setup_logging(log_format)
-    Operator(Kube(load_client(kubeconfig)), namespace=namespace, workers=workers, image=image).run_forever()
+    api_client = load_client(kubeconfig)
+    elector = None
+    if leader_elect:
+        if not leader_election_namespace:
+            raise click.UsageError("--leader-elect needs --leader-election-namespace (or $POD_NAMESPACE)")
+        import socket
+        import uuid
+
+        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        elector = LeaderElector(api_client, leader_election_namespace, identity)
+    op = Operator(Kube(api_client), namespace=namespace, workers=workers, image=image)
+    sys.exit(op.run_forever(health_addr=health_addr, metrics_addr=metrics_addr, elector=elector))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ import time
 from typing import Any
 
 from kubetune.controller.kube import Kube, is_status
+from kubetune.controller.leader import LeaderElector
 from kubetune.controller.queue import WorkQueue
 from kubetune.controller.reconcile import Reconciler
+from kubetune.controller.serve import Metrics, serve_health
 from kubetune.render import LABEL_JOB
 
 log = logging.getLogger("kubetune.operator")
@@ -43,6 +45,7 @@ class Operator:
         self._threads: list[threading.Thread] = []
         self.reconciles = 0
         self._synced = {kind: threading.Event() for kind in ("FineTuneJob", "Job", "Pod")}
+        self.metrics = Metrics(lambda: kube.requests, lambda: len(self.queue))
 
     # Lifecycle ----------------------------------------------------------------------------------------
 
@@ -54,6 +57,13 @@ class Operator:
         log.info("operator started (namespace=%s, workers=%d)", self.namespace or "<all>", self.workers)
         return self
 
+    def synced(self) -> bool:
+        return all(e.is_set() for e in self._synced.values())
+
+    def alive(self) -> bool:
+        """Every watch and worker thread that was started is still running."""
+        return not self._stop.is_set() and all(t.is_alive() for t in self._threads)
+
     def wait_synced(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self._synced.values())
@@ -61,18 +71,57 @@ class Operator:
     def stop(self) -> None:
         self._stop.set()
         self.queue.shutdown()
+        # Workers finish their current pass; watch threads may sit in a long read and are daemons.
         for t in self._threads:
-            t.join(timeout=5)
+            if t.name.startswith("worker-"):
+                t.join(timeout=10)
 
-    def run_forever(self) -> None:
-        self.start()
+    def run_forever(
+        self,
+        *,
+        health_addr: str | None = None,
+        metrics_addr: str | None = None,
+        elector: LeaderElector | None = None,
+    ) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (1 when leadership was lost)."""
+        import signal
+
+        lost = threading.Event()
+        if metrics_addr:
+            port = self.metrics.serve(metrics_addr)
+            log.info("metrics on %s (port %d)", metrics_addr, port)
+        if health_addr:
+            # A standby replica is healthy and ready: it is doing its job, which is to wait.
+            serve_health(
+                health_addr,
+                alive=lambda: (elector is not None and not elector.is_leader) or self.alive(),
+                ready=lambda: (elector is not None and not elector.is_leader) or self.synced(),
+            )
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         try:
+            if elector is None:
+                self.start()
+            else:
+
+                def started() -> None:
+                    self.metrics.leader.set(1)
+                    self.start()
+
+                def stopped() -> None:
+                    self.metrics.leader.set(0)
+                    lost.set()
+                    self._stop.set()
+
+                self._spawn("leader-election", elector.run, started, stopped, self._stop)
             while not self._stop.wait(1.0):
                 pass
         except KeyboardInterrupt:
             pass
         finally:
             self.stop()
+            if elector is not None and not lost.is_set():
+                elector.release()
+        return 1 if lost.is_set() else 0
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -136,11 +185,14 @@ class Operator:
             key: tuple[str, str] = item  # type: ignore[assignment]
             namespace, name = key
             try:
-                again = self.reconciler.reconcile(namespace, name)
+                with self.metrics.duration.time():
+                    again = self.reconciler.reconcile(namespace, name)
+                self.metrics.reconciles.labels("ok").inc()
                 self.queue.forget(key)
                 if again is not None:
                     self.queue.add_after(key, again)
             except Exception as e:
+                self.metrics.reconciles.labels("error").inc()
                 delay = self.queue.add_rate_limited(key)
                 log.warning(
                     "reconcile failed: %s; retrying in %.1fs",
