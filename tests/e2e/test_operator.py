@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from controlplane import poll
 
 from kubetune.controller.kube import Kube, load_client
 from kubetune.controller.operator import Operator
@@ -81,14 +82,7 @@ class Cluster:
         return self.get("ftj", name).get("status") or {}
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+        return poll(check, timeout=timeout, what=what)
 
     def wait_state(self, name: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
         return self.wait(  # type: ignore[no-any-return]

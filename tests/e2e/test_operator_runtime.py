@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from controlplane import poll
 
 from kubetune.controller.kube import load_client
 from kubetune.controller.leader import LeaderElector
@@ -33,13 +34,7 @@ def free_port() -> int:
 
 
 def wait(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return poll(check, timeout=timeout, what=what)
 
 
 def get(url: str) -> tuple[int, str]:
