@@ -22,6 +22,7 @@ DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 SPEC_MOUNT = "/etc/kubetune"
 SPEC_FILE = "job.yaml"
 RENDEZVOUS_PORT = 29500
+TRAINER_UID = 1000  # USER of the trainer image (Dockerfile)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Time for the trainer to write a checkpoint after SIGTERM (preemption, suspend, spec edit).
@@ -194,7 +195,14 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # The trainer image's user; fsGroup makes a root-owned PersistentVolumeClaim writable to it.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": [
             {"name": "spec", "configMap": {"name": name}},

