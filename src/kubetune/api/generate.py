@@ -20,6 +20,11 @@ from kubetune import __version__
 from kubetune.api import v1alpha1 as api
 
 CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
+# Byte-identical copies where Helm and kustomize can load them (neither reads files outside its folder).
+CRD_COPIES = (
+    Path("charts/kubetune/files/crds/kubetune.io_finetunejobs.yaml"),
+    Path("manifests/base/crd/kubetune.io_finetunejobs.yaml"),
+)
 SCHEMA_PATH = Path("manifests/schema/finetunejob.schema.json")
 README_PATH = Path("README.md")
 REFERENCE_BEGIN = "<!-- BEGIN GENERATED: FineTuneJob reference (make generate) -->"
@@ -261,8 +266,10 @@ def splice_reference(readme: str) -> str:
 
 def outputs(root: Path) -> dict[Path, str]:
     """Every generated file and the content it must have."""
+    crd_yaml = render_crd_yaml()
     return {
-        root / CRD_PATH: render_crd_yaml(),
+        root / CRD_PATH: crd_yaml,
+        **{root / copy: crd_yaml for copy in CRD_COPIES},
         root / SCHEMA_PATH: render_schema_json(),
         root / README_PATH: splice_reference((root / README_PATH).read_text()),
     }

@@ -1,0 +1,611 @@
+"""The Helm chart (charts/kubetune) and the kustomize base (manifests/base), without a cluster.
+
+`helm lint --strict` and `helm template` with the real helm, built from the Go module proxy by
+hack/helm/build.sh (once, about a minute; cached beside the e2e control plane). Without Go these
+tests FAIL, loudly; KUBETUNE_SKIP_E2E=1 skips the ones that need helm instead. What the chart grants
+is pinned here rule by rule, and checked against the API calls in src/kubetune/controller/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubetune"
+CRD = ROOT / "manifests" / "crd" / "kubetune.io_finetunejobs.yaml"
+# kustomize loads no file from outside a kustomization's folder, and helm renders the CRD from a file
+# inside the chart: both need a copy of the generated CRD, byte for byte.
+CRD_COPIES = (
+    CHART / "files" / "crds" / "kubetune.io_finetunejobs.yaml",
+    ROOT / "manifests" / "base" / "crd" / "kubetune.io_finetunejobs.yaml",
+)
+BASE = ROOT / "manifests" / "base"
+BUILD_HELM = ROOT / "hack" / "helm" / "build.sh"
+SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
+RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
+
+Rule = tuple[str, str, str, str]  # apiGroup, resource, verb, resourceName ("" = any)
+
+# Every API call the operator makes (src/kubetune/controller/kube.py), as RBAC grants. The chart's
+# ClusterRole (or Role) and manifests/base/rbac.yaml must grant exactly these.
+OPERATOR_RULES: frozenset[Rule] = frozenset(
+    [
+        ("kubetune.io", "finetunejobs", "get", ""),
+        ("kubetune.io", "finetunejobs", "list", ""),
+        ("kubetune.io", "finetunejobs", "watch", ""),
+        ("kubetune.io", "finetunejobs/status", "patch", ""),
+        ("batch", "jobs", "list", ""),
+        ("batch", "jobs", "watch", ""),
+        ("batch", "jobs", "create", ""),
+        ("batch", "jobs", "patch", ""),
+        ("batch", "jobs", "delete", ""),
+        ("", "pods", "list", ""),
+        ("", "pods", "watch", ""),
+        ("", "configmaps", "create", ""),
+        ("", "configmaps", "delete", ""),
+        ("", "services", "create", ""),
+        ("", "services", "delete", ""),
+        ("", "events", "create", ""),
+    ]
+)
+LEASE = "kubetune-operator"
+LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
+    [
+        ("coordination.k8s.io", "leases", "create", ""),
+        ("coordination.k8s.io", "leases", "get", LEASE),
+        ("coordination.k8s.io", "leases", "update", LEASE),
+    ]
+)
+TRAINER_RULES: frozenset[Rule] = frozenset([("", "pods", "patch", "")])
+
+# The Python client's methods the controller calls, as the grants they need. A listing method also
+# serves the watch on the same resource (Kube.stream), so it needs both verbs.
+CLIENT_CALLS: dict[str, set[Rule]] = {
+    "get_namespaced_custom_object": {("kubetune.io", "finetunejobs", "get", "")},
+    "list_namespaced_custom_object": {
+        ("kubetune.io", "finetunejobs", "list", ""),
+        ("kubetune.io", "finetunejobs", "watch", ""),
+    },
+    "list_cluster_custom_object": {
+        ("kubetune.io", "finetunejobs", "list", ""),
+        ("kubetune.io", "finetunejobs", "watch", ""),
+    },
+    "patch_namespaced_custom_object_status": {("kubetune.io", "finetunejobs/status", "patch", "")},
+    "list_namespaced_job": {("batch", "jobs", "list", ""), ("batch", "jobs", "watch", "")},
+    "list_job_for_all_namespaces": {("batch", "jobs", "list", ""), ("batch", "jobs", "watch", "")},
+    "create_namespaced_job": {("batch", "jobs", "create", "")},
+    "patch_namespaced_job": {("batch", "jobs", "patch", "")},
+    "delete_namespaced_job": {("batch", "jobs", "delete", "")},
+    "list_namespaced_pod": {("", "pods", "list", ""), ("", "pods", "watch", "")},
+    "list_pod_for_all_namespaces": {("", "pods", "list", ""), ("", "pods", "watch", "")},
+    "create_namespaced_config_map": {("", "configmaps", "create", "")},
+    "delete_namespaced_config_map": {("", "configmaps", "delete", "")},
+    "create_namespaced_service": {("", "services", "create", "")},
+    "delete_namespaced_service": {("", "services", "delete", "")},
+    "create_namespaced_event": {("", "events", "create", "")},
+    "read_namespaced_lease": {("coordination.k8s.io", "leases", "get", LEASE)},
+    "create_namespaced_lease": {("coordination.k8s.io", "leases", "create", "")},
+    "replace_namespaced_lease": {("coordination.k8s.io", "leases", "update", LEASE)},
+}
+
+
+def expand(rules: Iterable[dict[str, Any]]) -> set[Rule]:
+    """RBAC rules as one (group, resource, verb, resourceName) tuple per grant."""
+    out: set[Rule] = set()
+    for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    for name in rule.get("resourceNames") or [""]:
+                        out.add((group, resource, verb, name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# helm
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helm]:
+    if SKIP:
+        pytest.skip("KUBETUNE_SKIP_E2E=1: helm is not built")
+    try:
+        proc = subprocess.run(
+            ["bash", str(BUILD_HELM)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hack/helm/build.sh timed out: {e}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(
+            "cannot build helm with hack/helm/build.sh (it needs Go >= 1.26 and the Go module proxy; "
+            f"set KUBETUNE_SKIP_E2E=1 to skip):\n{proc.stderr[-3000:]}",
+            pytrace=False,
+        )
+    yield Helm(Path(proc.stdout.strip().splitlines()[-1]), tmp_path_factory.mktemp("helm-home"))
+
+
+class Helm:
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        # Keep helm's cache, config and data out of the user's home.
+        self.env = {
+            **os.environ,
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+            check=False,
+        )
+
+    def template(self, *args: str) -> list[dict[str, Any]]:
+        proc = self.run("template", RELEASE, str(CHART), f"--namespace={RELEASE_NS}", *args)
+        assert proc.returncode == 0, proc.stderr
+        return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+    def template_fails(self, *args: str) -> str:
+        proc = self.run("template", RELEASE, str(CHART), f"--namespace={RELEASE_NS}", *args)
+        assert proc.returncode != 0, f"helm template {' '.join(args)} rendered:\n{proc.stdout[:2000]}"
+        return proc.stderr
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{kind} {name or ''}: {len(found)} rendered"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [c] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c  # type: ignore[no-any-return]
+
+
+def flag(c: dict[str, Any], name: str) -> str | None:
+    """The value of `--name=value` (or "" for a bare `--name`) in the container's args."""
+    for arg in c["args"]:
+        if arg == f"--{name}":
+            return ""
+        if arg.startswith(f"--{name}="):
+            return str(arg.split("=", 1)[1])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CRD: one source, copies kept in sync
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copy", CRD_COPIES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_crd_copies_match_the_generated_crd(copy: Path) -> None:
+    assert copy.read_bytes() == CRD.read_bytes(), (
+        f"{copy.relative_to(ROOT)} differs from {CRD.relative_to(ROOT)}: run `make generate`"
+    )
+
+
+def test_rendered_crd_is_the_generated_one_kept_on_uninstall(helm: Helm) -> None:
+    crd = one(helm.template(), "CustomResourceDefinition")
+    assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    generated = yaml.safe_load(CRD.read_text())
+    # JSON with sorted keys: 1 and 1.0 (or True) would compare equal in Python, not here.
+    assert json.dumps(crd, sort_keys=True) == json.dumps(generated, sort_keys=True)
+
+    off = helm.template("--set", "crds.enabled=false")
+    assert "CustomResourceDefinition" not in {d["kind"] for d in off}
+
+
+# ---------------------------------------------------------------------------------------------------
+# helm lint, and what renders
+# ---------------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "defaults": [],
+    "leader-election": ["--set", "replicaCount=3", "--set", "leaderElection.enabled=true"],
+    "metrics": ["--set", "metrics.enabled=true"],
+    "watch-namespace": ["--set", "watchNamespace=ml-team"],
+    "trainer-rbac": ["--set", "trainerRBAC.namespaces={ml-team,research}"],
+    "no-crds-existing-sa": ["--set", "crds.enabled=false,serviceAccount.create=false,serviceAccount.name=op"],
+}
+
+
+@pytest.mark.parametrize("args", VARIANTS.values(), ids=VARIANTS.keys())
+def test_helm_lint_strict(helm: Helm, args: list[str]) -> None:
+    proc = helm.run("lint", "--strict", str(CHART), f"--namespace={RELEASE_NS}", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None:
+    docs = helm.template()
+    assert kinds(docs) == [
+        ("ClusterRole", "kubetune"),
+        ("ClusterRoleBinding", "kubetune"),
+        ("CustomResourceDefinition", "finetunejobs.kubetune.io"),
+        ("Deployment", "kubetune"),
+        ("ServiceAccount", "kubetune"),
+    ]
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "kubetune"
+        if d["kind"] != "CustomResourceDefinition":  # the CRD's labels are the generated ones
+            assert labels["app.kubernetes.io/instance"] == RELEASE
+            assert labels["helm.sh/chart"] == "kubetune-0.1.0"
+            if d["kind"] in ("ServiceAccount", "Deployment"):
+                assert d["metadata"]["namespace"] == RELEASE_NS
+
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    # Without leader election, never two operators at once, not even during an upgrade.
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "kubetune"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+    c = container(docs)
+    assert c["image"] == "ghcr.io/kubetune/operator:0.1.0"
+    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert c["command"] == ["kubetune"] and c["args"][0] == "operator"
+    assert flag(c, "workers") == "4"
+    assert flag(c, "log-format") == "json"
+    assert flag(c, "health-addr") == "0.0.0.0:8080"
+    for absent in ("metrics-addr", "leader-elect", "namespace", "image"):
+        assert flag(c, absent) is None, absent
+
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "kubetune",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": RELEASE_NS}]
+
+
+def test_probes_and_downward_api(helm: Helm) -> None:
+    c = container(helm.template())
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"health": 8080}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+    moved = container(helm.template("--set", "health.port=9440"))
+    assert flag(moved, "health-addr") == "0.0.0.0:9440"
+    assert {p["name"]: p["containerPort"] for p in moved["ports"]} == {"health": 9440}
+
+
+def test_pod_security(helm: Helm) -> None:
+    pod = one(helm.template(), "Deployment")["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] != 0
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    [c] = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    # A read-only root needs somewhere to write temporary files.
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    [tmp] = [v for v in pod["volumes"] if v["name"] == "tmp"]
+    assert "emptyDir" in tmp
+    for risky in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(risky)
+    assert all("hostPath" not in v for v in pod["volumes"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "securityContext.allowPrivilegeEscalation=true"], "allowPrivilegeEscalation"),
+        (["--set", "securityContext.privileged=true"], "privileged"),
+        (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
+        (["--set", "securityContext.runAsNonRoot=false"], "runAsNonRoot"),
+        (["--set-json", 'securityContext.capabilities.drop=["NET_RAW"]'], "ALL"),
+        (["--set-json", 'securityContext.capabilities.add=["NET_ADMIN"]'], "capabilities/add"),
+        (["--set", "podSecurityContext.seccompProfile.type=Unconfined"], "seccompProfile"),
+        (["--set", "podSecurityContext.runAsUser=0"], "runAsUser"),
+    ],
+)
+def test_schema_keeps_pod_security(helm: Helm, args: list[str], message: str) -> None:
+    assert message in helm.template_fails(*args)
+
+
+def test_operator_rules_are_exactly_the_calls_it_makes(helm: Helm) -> None:
+    role = one(helm.template(), "ClusterRole")
+    assert expand(role["rules"]) == OPERATOR_RULES
+
+
+def test_operator_rules_cover_every_client_call_in_the_controller() -> None:
+    """Each Kubernetes client call in src/kubetune/controller/ maps to a grant, and each grant of the
+    operator's roles is used: a new API call fails this test until the RBAC (and the table) say so."""
+    needed: set[Rule] = set()
+    controller = ROOT / "src" / "kubetune" / "controller"
+    sources = [
+        controller / "kube.py",
+        *([controller / "leader.py"] if (controller / "leader.py").exists() else []),
+    ]
+    for source in sources:
+        text = source.read_text()
+        calls = set(re.findall(r"self\.(?:core|batch|custom|api)\.(\w+)", text))
+        assert calls, f"no client calls found in {source}"
+        unknown = calls - CLIENT_CALLS.keys()
+        assert not unknown, f"{source.name} calls {sorted(unknown)}: add their grants to the chart and here"
+        for call in calls:
+            needed |= CLIENT_CALLS[call]
+    granted = OPERATOR_RULES | (LEADER_ELECTION_RULES if (controller / "leader.py").exists() else frozenset())
+    assert needed == granted
+
+
+def test_watch_namespace_grants_a_role_there_only(helm: Helm) -> None:
+    docs = helm.template("--set", "watchNamespace=ml-team")
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = one(docs, "Role", "kubetune")
+    assert role["metadata"]["namespace"] == "ml-team"
+    assert expand(role["rules"]) == OPERATOR_RULES
+    binding = one(docs, "RoleBinding", "kubetune")
+    assert binding["metadata"]["namespace"] == "ml-team"
+    assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == "kubetune"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": RELEASE_NS}]
+    assert flag(container(docs), "namespace") == "ml-team"
+
+
+def test_leader_election(helm: Helm) -> None:
+    docs = helm.template("--set", "replicaCount=2", "--set", "leaderElection.enabled=true")
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert "strategy" not in deployment["spec"]  # rolling updates: the Lease keeps one leader
+    c = container(docs)
+    assert flag(c, "leader-elect") == ""
+    assert flag(c, "leader-election-namespace") == RELEASE_NS
+    role = one(docs, "Role", "kubetune-leader-election")
+    assert role["metadata"]["namespace"] == RELEASE_NS
+    assert expand(role["rules"]) == LEADER_ELECTION_RULES
+    binding = one(docs, "RoleBinding", "kubetune-leader-election")
+    assert binding["metadata"]["namespace"] == RELEASE_NS
+    assert binding["roleRef"]["name"] == "kubetune-leader-election"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": RELEASE_NS}]
+
+
+def test_replicas_need_leader_election(helm: Helm) -> None:
+    assert "leaderElection.enabled=true" in helm.template_fails("--set", "replicaCount=2")
+
+
+def test_metrics_service(helm: Helm) -> None:
+    docs = helm.template("--set", "metrics.enabled=true")
+    c = container(docs)
+    assert flag(c, "metrics-addr") == "0.0.0.0:8081"
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
+    service = one(docs, "Service", "kubetune-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_trainer_rbac_is_off_by_default_and_namespaced(helm: Helm) -> None:
+    assert not [d for d in helm.template() if d["metadata"]["name"].endswith("-trainer")]
+    docs = helm.template("--set", "trainerRBAC.namespaces={ml-team,research}")
+    for ns in ("ml-team", "research"):
+        [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == ns]
+        assert expand(role["rules"]) == TRAINER_RULES
+        [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == ns]
+        assert binding["roleRef"]["name"] == role["metadata"]["name"] == "kubetune-trainer"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default", "namespace": ns}]
+
+
+def test_values_flow_into_the_deployment(helm: Helm) -> None:
+    docs = helm.template(
+        "--set",
+        "image.tag=0.2.0,workers=8,logFormat=text,trainerImage=registry.example/trainer:1",
+        "--set",
+        "priorityClassName=system-cluster-critical,nodeSelector.role=ops",
+        "--set-json",
+        'tolerations=[{"key":"ops","operator":"Exists","effect":"NoSchedule"}]',
+        "--set",
+        "serviceAccount.annotations.team=ml,podAnnotations.a=b",
+    )
+    c = container(docs)
+    assert c["image"] == "ghcr.io/kubetune/operator:0.2.0"
+    assert flag(c, "workers") == "8" and flag(c, "log-format") == "text"
+    assert flag(c, "image") == "registry.example/trainer:1"
+    pod = one(docs, "Deployment")["spec"]["template"]
+    assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert pod["spec"]["nodeSelector"] == {"role": "ops"}
+    assert pod["spec"]["tolerations"] == [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["metadata"]["annotations"] == {"a": "b"}
+    assert one(docs, "ServiceAccount")["metadata"]["annotations"] == {"team": "ml"}
+
+    digest = "sha256:" + "a" * 64
+    assert container(helm.template("--set", f"image.digest={digest}"))["image"] == (
+        f"ghcr.io/kubetune/operator@{digest}"
+    )
+
+    docs = helm.template("--set", "serviceAccount.create=false,serviceAccount.name=existing")
+    assert "ServiceAccount" not in {d["kind"] for d in docs}
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+    assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "existing"
+    assert "serviceAccount.name" in helm.template_fails("--set", "serviceAccount.create=false")
+
+
+def test_kube_version_constraint(helm: Helm) -> None:
+    helm.template("--kube-version=1.30.0")
+    assert "kubeVersion" in helm.template_fails("--kube-version=1.29.9")
+
+
+# ---------------------------------------------------------------------------------------------------
+# values.yaml and values.schema.json
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "bogus=1"],
+        ["--set", "image.bogus=1"],
+        ["--set", "leaderElection.bogus=1"],
+        ["--set", "metrics.service.bogus=1"],
+        ["--set", "trainerRBAC.bogus=1"],
+        ["--set", "securityContext.bogus=1"],
+        ["--set", "resources.bogus=1"],
+        ["--set", "replicas=2"],  # the key is replicaCount
+    ],
+    ids=lambda a: a[-1].split("=")[0],
+)
+def test_schema_rejects_unknown_keys(helm: Helm, args: list[str]) -> None:
+    key = args[-1].split("=")[0].rsplit(".", 1)[-1]
+    assert f"additional properties '{key}' not allowed" in helm.template_fails(*args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "logFormat=xml"],
+        ["--set", "workers=0"],
+        ["--set", "image.pullPolicy=Sometimes"],
+        ["--set", "watchNamespace=Not_A_Namespace"],
+        ["--set", "replicaCount=two"],
+    ],
+    ids=lambda a: a[-1],
+)
+def test_schema_rejects_bad_values(helm: Helm, args: list[str]) -> None:
+    helm.template_fails(*args)
+
+
+def _schema_objects(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object":
+            yield path, node
+        for key, value in node.items():
+            yield from _schema_objects(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _schema_objects(value, f"{path}/{i}")
+
+
+def test_schema_closes_every_object() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, node in _schema_objects(schema):
+        # Either a closed record (additionalProperties: false) or a map whose values are typed.
+        extra = node.get("additionalProperties")
+        open_k8s_subtree = path.startswith("/properties/affinity/properties/")
+        assert extra is False or isinstance(extra, dict) or open_k8s_subtree, f"{path or '/'} is open"
+
+
+def _keys(node: yaml.Node, path: str = "") -> Iterator[tuple[str, int]]:
+    """(dotted key path, 0-based line) of every mapping key in a composed YAML document."""
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            dotted = f"{path}.{key.value}" if path else str(key.value)
+            yield dotted, key.start_mark.line
+            yield from _keys(value, dotted)
+
+
+# Kubernetes objects passed through as they are: their own fields need no comment of ours.
+PASSTHROUGH = ("resources.", "podSecurityContext.", "securityContext.", "affinity.", "nodeSelector.")
+
+
+def test_every_value_is_documented_and_in_the_schema() -> None:
+    text = (CHART / "values.yaml").read_text()
+    lines = text.splitlines()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    root = yaml.compose(text)
+    assert root is not None
+    for dotted, line in _keys(root):
+        if dotted.startswith(PASSTHROUGH):
+            continue
+        assert lines[line - 1].lstrip().startswith("#"), f"values.yaml:{line + 1}: {dotted} has no comment"
+        node = schema
+        for part in dotted.split("."):
+            assert part in node.get("properties", {}), f"{dotted} is not in values.schema.json"
+            node = node["properties"][part]
+    # And the other way round: every key the schema allows has a default in values.yaml.
+    values = yaml.safe_load(text)
+
+    def walk(node: dict[str, Any], value: Any, path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            dotted = f"{path}{key}"
+            if dotted.startswith(PASSTHROUGH):
+                continue
+            assert isinstance(value, dict) and key in value, f"{dotted} has no default in values.yaml"
+            walk(sub, value[key], f"{dotted}.")
+
+    walk(schema, values, "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# manifests/base: the same grants and pod as the chart
+# ---------------------------------------------------------------------------------------------------
+
+
+def _base_docs() -> list[dict[str, Any]]:
+    return [
+        d for f in ("rbac.yaml", "deployment.yaml") for d in yaml.safe_load_all((BASE / f).read_text()) if d
+    ]
+
+
+def test_base_rbac_is_the_charts(helm: Helm) -> None:
+    base = _base_docs()
+    chart = helm.template("--set", "leaderElection.enabled=true")
+    assert expand(one(base, "ClusterRole")["rules"]) == expand(one(chart, "ClusterRole")["rules"])
+    assert expand(one(base, "ClusterRole")["rules"]) == OPERATOR_RULES
+    assert expand(one(base, "Role")["rules"]) == expand(one(chart, "Role")["rules"]) == LEADER_ELECTION_RULES
+    assert {d["kind"] for d in base} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+    }
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == "kubetune-system"
+    assert "crd/kubetune.io_finetunejobs.yaml" in kustomization["resources"]
+
+
+def test_base_pod_is_the_charts(helm: Helm) -> None:
+    base_pod = one(_base_docs(), "Deployment")["spec"]["template"]["spec"]
+    chart_pod = one(helm.template("--set", "leaderElection.enabled=true"), "Deployment")["spec"]["template"][
+        "spec"
+    ]
+    assert base_pod["securityContext"] == chart_pod["securityContext"]
+    assert base_pod["volumes"] == chart_pod["volumes"]
+    [b], [c] = base_pod["containers"], chart_pod["containers"]
+    for key in ("command", "securityContext", "livenessProbe", "readinessProbe", "ports", "volumeMounts"):
+        assert b[key] == c[key], key
+    assert b["image"] == c["image"] == "ghcr.io/kubetune/operator:0.1.0"
+    # The chart passes the Lease's namespace explicitly; the base relies on POD_NAMESPACE.
+    chart_args = [a for a in c["args"] if not a.startswith("--leader-election-namespace=")]
+    assert b["args"] == chart_args
+    assert {e["name"] for e in b["env"]} == {e["name"] for e in c["env"]}
