@@ -21,20 +21,12 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE_ROOT="${KUBETUNE_CONTROLPLANE_CACHE:-${HOME}/.cache/kubetune/controlplane}"
 
-log() { printf '[controlplane] %s\n' "$*" >&2; }
-die() {
-  printf '[controlplane] error: %s\n' "$*" >&2
-  exit 1
-}
+LOG_PREFIX=controlplane
+# shellcheck source=hack/lib.sh
+source "${HERE}/../lib.sh"
 
 # The version a wrapper module requires of MODULE, e.g. `modver kubernetes k8s.io/kubernetes`.
-modver() {
-  local v
-  v="$(awk -v m="$2" '$1 == m && $2 ~ /^v/ { print $2; exit } $1 == "require" && $2 == m { print $3; exit }' \
-    "${HERE}/$1/go.mod")"
-  [[ -n "${v}" ]] || die "no version of $2 in ${HERE}/$1/go.mod"
-  printf '%s' "${v}"
-}
+modver() { modver_in "${HERE}/$1/go.mod" "$2"; }
 
 K8S_VERSION="$(modver kubernetes k8s.io/kubernetes)"
 ETCD_VERSION="$(modver etcd go.etcd.io/etcd/server/v3)"
@@ -46,19 +38,6 @@ BIN="${CACHE_DIR}/bin"
 SETSID="$(command -v setsid || true)"
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 ALL_BINARIES=("${K8S_BINARIES[@]}" etcd kwok)
-
-go_cmd() {
-  if [[ -n "${GO:-}" ]]; then
-    [[ -x "${GO}" ]] || command -v "${GO}" >/dev/null 2>&1 || die "GO=${GO} is not an executable"
-    printf '%s' "${GO}"
-  elif command -v go >/dev/null 2>&1; then
-    command -v go
-  elif [[ -x /usr/local/go/bin/go ]]; then
-    printf '%s' /usr/local/go/bin/go
-  else
-    die "no Go toolchain found (set GO=/path/to/go); Go >= 1.26 is needed to build the control plane"
-  fi
-}
 
 # ---------------------------------------------------------------------------------------------- build
 

@@ -19,38 +19,17 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE_ROOT="${KUBETUNE_CONTROLPLANE_CACHE:-${HOME}/.cache/kubetune/controlplane}"
 
-log() { printf '[helm] %s\n' "$*" >&2; }
-die() {
-  printf '[helm] error: %s\n' "$*" >&2
-  exit 1
-}
+LOG_PREFIX=helm
+# shellcheck source=hack/lib.sh
+source "${HERE}/../lib.sh"
 
-# The version go.mod requires of MODULE (require block or single-line require).
-modver() {
-  local v
-  v="$(awk -v m="$1" '$1 == m && $2 ~ /^v/ { print $2; exit } $1 == "require" && $2 == m { print $3; exit }' \
-    "${HERE}/go.mod")"
-  [[ -n "${v}" ]] || die "no version of $1 in ${HERE}/go.mod"
-  printf '%s' "${v}"
-}
+# The version go.mod requires of MODULE.
+modver() { modver_in "${HERE}/go.mod" "$1"; }
 
 HELM_VERSION="$(modver helm.sh/helm/v3)"
 CLIENT_GO_VERSION="$(modver k8s.io/client-go)"
 BIN="${CACHE_ROOT}/helm-${HELM_VERSION}/bin"
 HELM="${BIN}/helm"
-
-go_cmd() {
-  if [[ -n "${GO:-}" ]]; then
-    [[ -x "${GO}" ]] || command -v "${GO}" >/dev/null 2>&1 || die "GO=${GO} is not an executable"
-    printf '%s' "${GO}"
-  elif command -v go >/dev/null 2>&1; then
-    command -v go
-  elif [[ -x /usr/local/go/bin/go ]]; then
-    printf '%s' /usr/local/go/bin/go
-  else
-    die "no Go toolchain found (set GO=/path/to/go); Go >= 1.26 is needed to build helm"
-  fi
-}
 
 cmd_build() {
   if [[ -x "${HELM}" ]]; then
