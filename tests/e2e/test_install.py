@@ -32,6 +32,7 @@ import yaml
 from controlplane import ControlPlane, poll
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from test_operator import spec  # one FineTuneJob spec shape for the e2e tests
 
 from kubetune.controller.kube import Kube, load_client
 from kubetune.controller.operator import MANAGED, Operator
@@ -290,17 +291,6 @@ def test_chart_defaults_pass_server_validation_and_restricted_pod_security(
     assert proc.returncode == 0, proc.stderr
     assert "PodSecurity" not in proc.stderr, proc.stderr
     assert "customresourcedefinition.apiextensions.k8s.io/finetunejobs.kubetune.io" in proc.stdout
-
-
-def spec(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "model": {"id": "tiiuae/falcon-7b"},
-        "dataset": {"id": "timdettmers/openassistant-guanaco"},
-        "resources": {"gpusPerNode": 1, "gpuType": "NVIDIA-A100-SXM4-80GB", "memory": "16Gi"},
-        "output": {"hub": {"repoId": "org/falcon-qlora", "token": {"secretKeyRef": {"name": "hf-token"}}}},
-    }
-    base.update(copy.deepcopy(overrides))
-    return base
 
 
 def test_operator_with_the_charts_credentials_runs_a_job_to_success(
