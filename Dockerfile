@@ -3,82 +3,120 @@
 #   docker build --target trainer  -t ghcr.io/kubetune/trainer:0.1.0  --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .
 #   docker build --target operator -t ghcr.io/kubetune/operator:0.1.0 --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .
 #
-# trainer   CUDA 13.0 base (what the torch==2.13.0 wheel is built for), CPython 3.11 and
-#           kubetune[trainer]. Entrypoint `python -m kubetune.launch`: `accelerate launch -m
-#           kubetune.trainer --spec /etc/kubetune/job.yaml` with the process count and multi-node
-#           settings of the Job's environment (a lone process runs the trainer directly).
-# operator  python slim and kubetune[operator]: no torch, no CUDA.
+# trainer   Debian trixie's CPython 3.13 and kubetune[trainer]. The torch==2.13.0 wheel brings its own
+#           CUDA libraries (cuBLAS, cuDNN, NCCL... as nvidia-* packages); the NVIDIA container runtime
+#           adds the driver, as the NVIDIA_* variables below ask. Entrypoint `python -m kubetune.launch`:
+#           `accelerate launch -m kubetune.trainer --spec /etc/kubetune/job.yaml` with the process count
+#           and multi-node settings of the Job's environment (a lone process runs the trainer directly).
+#           Also ships the repository's jobs/ at /opt/kubetune/jobs (jobs/tiny: a model small enough to
+#           smoke-test a cluster with).
+# operator  the same base and kubetune[operator]: no torch, no CUDA.
 #
-# Both run as uid/gid 1000 ("kubetune"). Every input is pinned: base images by tag and digest, uv by
-# version, CPython by version (uv verifies the download's sha256), kubetune's direct dependencies by
-# the pins of pyproject.toml's extras, and everything else by resolving against PyPI as it stood at
-# PYPI_SNAPSHOT (uv's --exclude-newer). Moving any of them is an edit to this file; refresh a digest
-# with `docker buildx imagetools inspect <image>:<tag>`.
+# Both run as uid/gid 1000 ("kubetune"). Every input is pinned: the base image by tag and digest,
+# Debian's python3 by package version, uv by version, kubetune's direct dependencies by the pins of
+# pyproject.toml's extras, and everything else by resolving against PyPI as it stood at PYPI_SNAPSHOT
+# (uv's --exclude-newer). Moving any of them is an edit to this file; refresh the digest with
+# `docker buildx imagetools inspect debian:<tag>`.
+#
+# Layers: the dependencies are installed from pyproject.toml alone, then the kubetune wheel with
+# --no-deps, so a change under src/ rebuilds a layer of a few hundred kB, not the 5 GB torch stack
+# (and the stack is installed in the image's own stage: a COPY of it from another stage would store
+# it twice and be hashed whole by every build).
+#
+# Build arguments for builds without a registry (hack/node/images.sh passes them):
+#   BASE_IMAGE    any Debian trixie image. One that already has python3, python3-venv and
+#                 ca-certificates (`mmdebstrap --variant=minbase --include=... trixie` + `podman
+#                 import`) gets nothing from apt.
+#   UV_NO_CACHE=0 UV_CACHE_DIR=/uv-cache, with the host's uv cache mounted there (`podman build -v
+#                 ~/.cache/uv:/uv-cache`): the 5 GB stack is downloaded once per machine, not per build.
+#                 The default (1) uses no cache, as a published build should.
 
-# ---------------------------------------------------------------------------------------------------
-# Bases
-# ---------------------------------------------------------------------------------------------------
-# The Python of the builder and of the operator image (and, by version, of the trainer: PYTHON_VERSION).
-FROM python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3 AS python-base
-
-# ---------------------------------------------------------------------------------------------------
-# builder: the kubetune wheel, and uv to install it. Nothing of this stage ships but what is copied.
-# ---------------------------------------------------------------------------------------------------
-FROM python-base AS builder
+# Debian 13 (trixie) slim, the 2026-08-24 build (13.6-slim and trixie-slim named it then).
+ARG BASE_IMAGE=docker.io/library/debian:13.6-slim@sha256:d7e12182ce18b85b93007c1dedf31f2d29e01ccf3182cc4017c709b6259bc132
+# uv's settings for every stage that installs (redeclared there: build arguments are per stage).
 ARG PYPI_SNAPSHOT=2026-11-27T00:00:00Z
+ARG UV_NO_CACHE=1
+ARG UV_CACHE_DIR=/tmp/uv-cache
+
+# ---------------------------------------------------------------------------------------------------
+# base: Debian's Python and the kubetune user; what both images and the build stages start from.
+# ---------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS base
+ARG PYTHON3_VERSION=3.13.5-1
+ARG CA_CERTIFICATES_VERSION=20250419+deb13u1
+# The published slim base has no Python; a locally bootstrapped base comes with it (and may have no
+# network to an apt mirror at all), so apt runs only when something is missing.
+RUN if ! python3 -c "import venv, ensurepip, ssl" 2>/dev/null || [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends "python3=${PYTHON3_VERSION}" \
+            "python3-venv=${PYTHON3_VERSION}" "ca-certificates=${CA_CERTIFICATES_VERSION}" \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && groupadd --gid 1000 kubetune \
+    && useradd --uid 1000 --gid 1000 --no-log-init --create-home --home-dir /home/kubetune \
+        --shell /usr/sbin/nologin kubetune
+
+# ---------------------------------------------------------------------------------------------------
+# uv: the installer (from PyPI). It never ships: the image stages mount it for the steps that run it.
+# ---------------------------------------------------------------------------------------------------
+FROM base AS uv
+ARG PYPI_SNAPSHOT
+ARG UV_NO_CACHE
+ARG UV_CACHE_DIR
+# UV_SYSTEM_CERTS: trust the image's CA store (the one a build mounts over it, too), not uv's own.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     UV_EXCLUDE_NEWER=${PYPI_SNAPSHOT} \
-    UV_NO_CACHE=1 \
+    UV_NO_CACHE=${UV_NO_CACHE} \
+    UV_CACHE_DIR=${UV_CACHE_DIR} \
     UV_LINK_MODE=copy \
-    UV_COMPILE_BYTECODE=1
-RUN pip install --no-cache-dir uv==0.13.9
+    UV_PYTHON_DOWNLOADS=never \
+    UV_SYSTEM_CERTS=1
+RUN python3 -m venv /opt/uv \
+    && /opt/uv/bin/pip install --no-cache-dir uv==0.13.9
 WORKDIR /src
+
+# ---------------------------------------------------------------------------------------------------
+# wheel: the kubetune wheel. The build backend (setuptools) is resolved under the same snapshot.
+# ---------------------------------------------------------------------------------------------------
+FROM uv AS wheel
 COPY pyproject.toml README.md ./
 COPY src/ src/
-# The build backend (setuptools) is resolved under the same snapshot as everything else.
-RUN uv build --wheel --out-dir /wheels .
-
-# ---------------------------------------------------------------------------------------------------
-# trainer-venv: CPython (python-build-standalone, relocatable: it runs on the Ubuntu base below) and a
-# virtual environment with kubetune[trainer], both under /opt so they are copied as they are.
-# ---------------------------------------------------------------------------------------------------
-FROM builder AS trainer-venv
-ARG PYTHON_VERSION=3.11.15
-ARG VERSION=0.1.0
-ENV UV_PYTHON_INSTALL_DIR=/opt/python
-RUN uv python install --no-bin "${PYTHON_VERSION}" \
-    && uv venv --python-preference only-managed --python "${PYTHON_VERSION}" /opt/venv \
-    && uv pip install --python /opt/venv/bin/python "/wheels/kubetune-${VERSION}-py3-none-any.whl[trainer]" \
-    && /opt/venv/bin/python -c "import kubetune.launch, torch, accelerate, bitsandbytes, peft, trl"
-
-# ---------------------------------------------------------------------------------------------------
-# operator-venv: kubetune[operator] on the base image's own Python (the operator image has it too).
-# ---------------------------------------------------------------------------------------------------
-FROM builder AS operator-venv
-ARG VERSION=0.1.0
-RUN uv venv --python /usr/local/bin/python3.11 /opt/venv \
-    && uv pip install --python /opt/venv/bin/python "/wheels/kubetune-${VERSION}-py3-none-any.whl[operator]" \
-    && /opt/venv/bin/python -c "import kubetune.cli, kubernetes" \
-    && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch in the operator" >&2; exit 1; fi
+RUN /opt/uv/bin/uv build --wheel --out-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------------
 # operator: `kubetune operator`.
 # ---------------------------------------------------------------------------------------------------
-FROM python-base AS operator
+FROM base AS operator
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG GIT_COMMIT=""
+ARG PYPI_SNAPSHOT
+ARG UV_NO_CACHE
+ARG UV_CACHE_DIR
 LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.description="kubetune operator: FineTuneJob -> Kubernetes Jobs (no torch)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.15-slim-bookworm"
-RUN groupadd --gid 1000 kubetune \
-    && useradd --uid 1000 --gid 1000 --no-log-init --create-home --home-dir /home/kubetune \
-        --shell /usr/sbin/nologin kubetune
-COPY --from=operator-venv /opt/venv /opt/venv
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+# The dependencies first, from pyproject.toml alone: this layer changes only with its pins.
+COPY pyproject.toml /opt/kubetune/pyproject.toml
+RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
+    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs \
+        --exclude-newer "${PYPI_SNAPSHOT}" --link-mode copy --compile-bytecode \
+        -r /opt/kubetune/pyproject.toml --extra operator \
+    && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch in the operator" >&2; exit 1; fi
+# Then kubetune itself. The wheel is COPYed (a layer of a few hundred kB), not mounted: podman and
+# buildah key a RUN's cache on its command alone, so a mounted wheel's changes would go unseen.
+COPY --from=wheel /wheels/ /opt/kubetune/wheels/
+RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv pip install --python /opt/venv/bin/python --offline --no-cache --no-deps \
+        --compile-bytecode "/opt/kubetune/wheels/kubetune-${VERSION}-py3-none-any.whl" \
+    && /opt/uv/bin/uv pip check --python /opt/venv/bin/python \
+    && /opt/venv/bin/python -c "import kubetune.cli, kubernetes"
 ENV PATH=/opt/venv/bin:${PATH} \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -92,41 +130,52 @@ ENTRYPOINT ["kubetune", "operator"]
 # ---------------------------------------------------------------------------------------------------
 # trainer: what the FineTuneJob's Pods run (render.py's DEFAULT_IMAGE). The last stage, so a plain
 # `docker build .` gives it too.
-# The "base" CUDA flavour: NVIDIA's runtime contract (NVIDIA_* variables, driver requirement, the
-# cuda-compat forward-compatibility libraries for older data-center drivers) without the CUDA
-# libraries, which the torch wheel brings itself (cuBLAS, cuDNN, NCCL… as nvidia-* packages): the
-# runtime/cudnn flavours would add 2-3 GB that torch never loads.
 # ---------------------------------------------------------------------------------------------------
-FROM nvidia/cuda:13.0.3-base-ubuntu24.04@sha256:7c7413a56200486f71f181cad9310f6fd31b6bb21816ade15fc9c1e1e927a5c1 AS trainer
+FROM base AS trainer
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG GIT_COMMIT=""
+ARG PYPI_SNAPSHOT
+ARG UV_NO_CACHE
+ARG UV_CACHE_DIR
 LABEL org.opencontainers.image.title="kubetune-trainer" \
-      org.opencontainers.image.description="kubetune trainer: accelerate launch of kubetune.trainer (QLoRA/LoRA, CUDA 13.0)" \
+      org.opencontainers.image.description="kubetune trainer: accelerate launch of kubetune.trainer (QLoRA/LoRA; CUDA from the torch wheel)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/nvidia/cuda:13.0.3-base-ubuntu24.04"
-# Ubuntu's images come with an `ubuntu` user holding uid 1000: kubetune takes the uid over.
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 # /workspace (the Job mounts its volume there) and HOME are writable by group 0 too, for clusters
 # that run containers under an arbitrary uid in group 0 (OpenShift).
-RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
-    && groupadd --gid 1000 kubetune \
-    && useradd --uid 1000 --gid 1000 --no-log-init --create-home --home-dir /home/kubetune \
-        --shell /usr/sbin/nologin kubetune \
-    && install -d -o 1000 -g 0 -m 0775 /workspace /home/kubetune/.cache \
+RUN install -d -o 1000 -g 0 -m 0775 /workspace /home/kubetune/.cache \
     && chgrp 0 /home/kubetune && chmod 0775 /home/kubetune
-COPY --from=trainer-venv /opt/python /opt/python
-COPY --from=trainer-venv /opt/venv /opt/venv
+# The 5 GB layer first, from pyproject.toml alone: it changes only with the pins.
+COPY pyproject.toml /opt/kubetune/pyproject.toml
+RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
+    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs \
+        --exclude-newer "${PYPI_SNAPSHOT}" --link-mode copy --compile-bytecode \
+        -r /opt/kubetune/pyproject.toml --extra trainer \
+    && /opt/venv/bin/python -c "import torch, accelerate, bitsandbytes, peft, trl, transformers, datasets"
+COPY --from=wheel /wheels/ /opt/kubetune/wheels/
+RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv pip install --python /opt/venv/bin/python --offline --no-cache --no-deps \
+        --compile-bytecode "/opt/kubetune/wheels/kubetune-${VERSION}-py3-none-any.whl" \
+    && /opt/uv/bin/uv pip check --python /opt/venv/bin/python \
+    && /opt/venv/bin/python -c "import kubetune.launch"
+COPY jobs/ /opt/kubetune/jobs/
 # HF_HOME here is for `docker run`; the Job points it at its volume (render.py).
 # KUBETUNE_GIT_COMMIT goes into every model card this image writes.
+# NVIDIA_*: what the NVIDIA container runtime reads to mount the driver and the GPUs.
 ENV PATH=/opt/venv/bin:${PATH} \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/home/kubetune \
     HF_HOME=/home/kubetune/.cache/huggingface \
-    KUBETUNE_GIT_COMMIT=${GIT_COMMIT}
+    KUBETUNE_GIT_COMMIT=${GIT_COMMIT} \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /workspace
 USER 1000:1000
 # torch.distributed rendezvous of multi-node runs (render.py's RENDEZVOUS_PORT).

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit e2e generate verify bench clean
+.PHONY: setup demo test lint typecheck unit e2e node-deps images shellcheck generate verify bench clean
 
 # One virtual environment with the CLI, the trainer stack and the dev tools. uv (installed into the
 # venv itself, from PyPI) makes the ~5 GB torch install take seconds when cached.
@@ -32,7 +32,21 @@ unit: setup
 e2e: setup
 	$(BIN)/pytest tests/e2e
 
+# The e2e tests' real node (hack/node/): its Debian packages (root; a no-op when installed), and its
+# images, built here with podman (the `real_node` fixture builds them too, when missing).
+node-deps:
+	bash hack/node/install-deps.sh
+
+images:
+	bash hack/node/images.sh build
+
+# The shell scripts (not in `lint`: shellcheck is a Debian package, not a PyPI one).
+shellcheck:
+	shellcheck -x .ci/run hack/*.sh hack/*/*.sh
+
+# The real e2e node's Debian packages come first (a no-op when present; skipped with the e2e tests).
 test: lint typecheck
+	@[ "$${KUBETUNE_SKIP_E2E:-}" = 1 ] || bash hack/node/install-deps.sh
 	$(BIN)/pytest
 
 # Regenerate the CRD, the JSON schema, the README reference and the golden files from the models.

@@ -29,7 +29,8 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - start
-            metrics = json.loads((out / "metrics.json").read_text())
+            (folder,) = (out / "runs").iterdir()  # the run's folder: <output>/runs/<name>-<spec hash>/
+            metrics = json.loads((folder / "metrics.json").read_text())
             print(f"run {i + 1}: wall {wall:.1f} s; metrics: {json.dumps(metrics, sort_keys=True)[:400]}")
 
 

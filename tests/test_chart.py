@@ -50,13 +50,21 @@ OPERATOR_RULES: frozenset[Rule] = frozenset(
         ("batch", "jobs", "delete", ""),
         ("", "pods", "list", ""),
         ("", "pods", "watch", ""),
+        ("", "pods/log", "get", ""),
         ("", "configmaps", "create", ""),
         ("", "configmaps", "delete", ""),
         ("", "services", "create", ""),
         ("", "services", "delete", ""),
+        ("", "persistentvolumeclaims", "get", ""),
+        ("", "persistentvolumeclaims", "create", ""),
+        ("", "persistentvolumeclaims", "patch", ""),
+        ("", "persistentvolumeclaims", "delete", ""),
+        ("", "secrets", "get", ""),
         ("", "events", "create", ""),
     ]
 )
+# The one grant secretPreCheck.enabled=false takes away (the metadata-only GET before a run starts).
+SECRET_PRECHECK_RULES: frozenset[Rule] = frozenset([("", "secrets", "get", "")])
 LEASE = "kubetune-operator"
 LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
     [
@@ -65,7 +73,6 @@ LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
         ("coordination.k8s.io", "leases", "update", LEASE),
     ]
 )
-TRAINER_RULES: frozenset[Rule] = frozenset([("", "pods", "patch", "")])
 
 # The Python client's methods the controller calls, as the grants they need. A listing method also
 # serves the watch on the same resource (Kube.stream), so it needs both verbs.
@@ -87,6 +94,12 @@ CLIENT_CALLS: dict[str, set[Rule]] = {
     "delete_namespaced_job": {("batch", "jobs", "delete", "")},
     "list_namespaced_pod": {("", "pods", "list", ""), ("", "pods", "watch", "")},
     "list_pod_for_all_namespaces": {("", "pods", "list", ""), ("", "pods", "watch", "")},
+    "read_namespaced_pod_log": {("", "pods/log", "get", "")},
+    "read_namespaced_secret": {("", "secrets", "get", "")},
+    "read_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "get", "")},
+    "create_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "create", "")},
+    "patch_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "patch", "")},
+    "delete_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "delete", "")},
     "create_namespaced_config_map": {("", "configmaps", "create", "")},
     "delete_namespaced_config_map": {("", "configmaps", "delete", "")},
     "create_namespaced_service": {("", "services", "create", "")},
@@ -230,7 +243,7 @@ VARIANTS = {
     "leader-election": ["--set", "replicaCount=3", "--set", "leaderElection.enabled=true"],
     "metrics": ["--set", "metrics.enabled=true"],
     "watch-namespace": ["--set", "watchNamespace=ml-team"],
-    "trainer-rbac": ["--set", "trainerRBAC.namespaces={ml-team,research}"],
+    "no-secret-precheck": ["--set", "secretPreCheck.enabled=false"],
     "no-crds-existing-sa": ["--set", "crds.enabled=false,serviceAccount.create=false,serviceAccount.name=op"],
 }
 
@@ -275,6 +288,7 @@ def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None
     assert flag(c, "workers") == "4"
     assert flag(c, "log-format") == "json"
     assert flag(c, "health-addr") == "0.0.0.0:8080"
+    assert flag(c, "image-pull-grace") == "300"
     for absent in ("metrics-addr", "leader-elect", "namespace", "image"):
         assert flag(c, absent) is None, absent
 
@@ -414,21 +428,28 @@ def test_metrics_service(helm: Helm) -> None:
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
-def test_trainer_rbac_is_off_by_default_and_namespaced(helm: Helm) -> None:
-    assert not [d for d in helm.template() if d["metadata"]["name"].endswith("-trainer")]
-    docs = helm.template("--set", "trainerRBAC.namespaces={ml-team,research}")
-    for ns in ("ml-team", "research"):
-        [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == ns]
-        assert expand(role["rules"]) == TRAINER_RULES
-        [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == ns]
-        assert binding["roleRef"]["name"] == role["metadata"]["name"] == "kubetune-trainer"
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default", "namespace": ns}]
+def test_no_grant_for_trainer_pods() -> None:
+    """Trainer pods report progress in their log (the operator reads it): they run without a token, and
+    the chart grants them nothing. The Role and the value that used to grant them `patch` on pods are gone."""
+    templates = {p.name for p in (CHART / "templates").iterdir()}
+    assert "trainer-rbac.yaml" not in templates
+    assert "trainerRBAC" not in (CHART / "values.yaml").read_text()
+    assert "trainerRBAC" not in json.loads((CHART / "values.schema.json").read_text())["properties"]
+
+
+def test_secret_precheck_can_be_turned_off(helm: Helm) -> None:
+    assert flag(container(helm.template()), "no-secret-precheck") is None
+    docs = helm.template("--set", "secretPreCheck.enabled=false")
+    assert expand(one(docs, "ClusterRole")["rules"]) == OPERATOR_RULES - SECRET_PRECHECK_RULES
+    assert flag(container(docs), "no-secret-precheck") == ""
+    role = one(helm.template("--set", "secretPreCheck.enabled=false,watchNamespace=ml"), "Role", "kubetune")
+    assert expand(role["rules"]) == OPERATOR_RULES - SECRET_PRECHECK_RULES
 
 
 def test_values_flow_into_the_deployment(helm: Helm) -> None:
     docs = helm.template(
         "--set",
-        "image.tag=0.2.0,workers=8,logFormat=text,trainerImage=registry.example/trainer:1",
+        "image.tag=0.2.0,workers=8,logFormat=text,trainerImage=registry.example/trainer:1,imagePullGraceSeconds=60",
         "--set",
         "priorityClassName=system-cluster-critical,nodeSelector.role=ops",
         "--set-json",
@@ -440,6 +461,7 @@ def test_values_flow_into_the_deployment(helm: Helm) -> None:
     assert c["image"] == "ghcr.io/kubetune/operator:0.2.0"
     assert flag(c, "workers") == "8" and flag(c, "log-format") == "text"
     assert flag(c, "image") == "registry.example/trainer:1"
+    assert flag(c, "image-pull-grace") == "60"
     pod = one(docs, "Deployment")["spec"]["template"]
     assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
     assert pod["spec"]["nodeSelector"] == {"role": "ops"}
@@ -476,7 +498,7 @@ def test_kube_version_constraint(helm: Helm) -> None:
         ["--set", "image.bogus=1"],
         ["--set", "leaderElection.bogus=1"],
         ["--set", "metrics.service.bogus=1"],
-        ["--set", "trainerRBAC.bogus=1"],
+        ["--set", "secretPreCheck.bogus=1"],
         ["--set", "securityContext.bogus=1"],
         ["--set", "resources.bogus=1"],
         ["--set", "replicas=2"],  # the key is replicaCount
@@ -496,6 +518,8 @@ def test_schema_rejects_unknown_keys(helm: Helm, args: list[str]) -> None:
         ["--set", "image.pullPolicy=Sometimes"],
         ["--set", "watchNamespace=Not_A_Namespace"],
         ["--set", "replicaCount=two"],
+        ["--set", "imagePullGraceSeconds=-1"],
+        ["--set", "secretPreCheck.enabled=maybe"],
     ],
     ids=lambda a: a[-1],
 )

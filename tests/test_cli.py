@@ -57,7 +57,7 @@ def test_render_prints_the_objects() -> None:
     result = CliRunner().invoke(main, ["render", str(ROOT / "jobs/bloom-lora.yaml"), "-n", "team-x"])
     assert result.exit_code == 0, result.output
     objects = list(yaml.safe_load_all(result.stdout))
-    assert [o["kind"] for o in objects] == ["ConfigMap", "Job"]
+    assert [o["kind"] for o in objects] == ["PersistentVolumeClaim", "ConfigMap", "Job"]
     assert all(o["metadata"]["namespace"] == "team-x" for o in objects)
 
 
@@ -113,6 +113,10 @@ def test_run_local_trains_through_the_same_launcher_as_the_cluster(tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 40/40" in proc.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
+    runs = list((out / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("tiny-local-")
+    folder = runs[0]
+    assert f"kubetune: run folder: {folder}" in proc.stderr and f"kubetune: done: {folder}" in proc.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()

@@ -36,3 +36,17 @@ def test_delayed_keys_come_back_and_shutdown_wakes_workers() -> None:
     q.shutdown()
     t.join(timeout=5)
     assert got == [None]
+
+
+def test_delayed_adds_of_one_key_merge_into_the_earliest() -> None:
+    q = WorkQueue()
+    for delay in (30.0, 30.0, 10.0, 60.0):  # every pass asks again: one timer stays, the earliest
+        q.add_after("k", delay)
+    q.add_after("other", 30.0)
+    assert q.pending_timers() == 2
+    q.add_after("k", 0.01)  # sooner wins
+    assert q.get() == "k"
+    assert q.pending_timers() == 1  # the later timers of "k" are gone, not just postponed
+    q.done("k")
+    q.add_after("k", 0.02)
+    assert q.get() == "k"

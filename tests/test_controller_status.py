@@ -1,124 +1,132 @@
-"""Status mapping (pure): what `kubectl get ftj` shows for what the cluster reports."""
+"""Status mapping (pure): pods, log tails and conditions, in the words of a FineTuneJob's status."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from kubetune.controller.status import PROGRESS_ANNOTATION, Observed, compute_status
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.contract import Exit, progress_line, termination_message
+from kubetune.controller.status import (
+    Conditions,
+    image_pull_problem,
+    pod_failure,
+    progress_fields,
+    rank0_log_pod,
+    unschedulable,
+)
 from kubetune.durations import format_duration
 
 NOW = "2026-11-28T10:00:00Z"
+JOB = FineTuneJob.model_validate(
+    {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "model": {"id": "a/b"},
+            "dataset": {"id": "c/d"},
+            "resources": {"memory": "48Gi"},
+            "output": {"hub": {"repoId": "o/r", "token": {"secretKeyRef": {"name": "hf"}}}},
+        },
+    }
+)
 
 
-def job(
-    conditions: list[dict[str, Any]] | None = None, suspend: bool = False, **status: Any
-) -> dict[str, Any]:
-    return {"spec": {"suspend": suspend}, "status": {"conditions": conditions or [], **status}}
+def pod(phase: str, state: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    if state is not None:
+        status["containerStatuses"] = [{"name": "trainer", "image": "img:1", "state": state}]
+    return {"metadata": {"name": "p", "creationTimestamp": NOW, **meta}, "status": status}
 
 
-def pod(phase: str, **extra: Any) -> dict[str, Any]:
-    p: dict[str, Any] = {"metadata": {"annotations": {}}, "status": {"phase": phase, **extra}}
-    return p
-
-
-def observe(j: dict[str, Any] | None, pods: list[dict[str, Any]] | None = None, **kw: Any) -> Observed:
-    return Observed(generation=3, spec_hash="abc", run_name="demo-abc", job=j, pods=pods or [], **kw)
-
-
-def cond(status: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next(c for c in status["conditions"] if c["type"] == kind)
-
-
-def test_pending_then_running_with_progress_columns() -> None:
-    status, events = compute_status(observe(job(), [pod("Pending")]), {}, NOW)
-    assert (
-        status["state"] == "Pending" and status["observedGeneration"] == 3 and status["jobName"] == "demo-abc"
+def test_progress_from_the_newest_well_formed_line() -> None:
+    tail = "\n".join(
+        [
+            progress_line({"state": "Loading"}),
+            progress_line(
+                {"state": "Training", "step": 37, "total_steps": 100, "loss": 1.23456, "eta_seconds": 4330}
+            ),
+            "kubetune.io/progress {not json",
+            "some other line",
+        ]
     )
-    assert events == []
+    assert progress_fields(tail) == {
+        "phase": "Training",
+        "step": 37,
+        "totalSteps": 100,
+        "progress": "37%",
+        "loss": "1.2346",
+        "eta": "1h12m",
+    }
+    assert progress_fields("no report here") == {} and progress_fields(None) == {}
+    # Untrusted input: wrong types are dropped, the percentage never passes 100.
+    odd = progress_line({"state": "Training", "step": 120, "total_steps": 100, "loss": "x"})
+    assert progress_fields(odd) == {"phase": "Training", "step": 120, "totalSteps": 100, "progress": "100%"}
 
-    running = pod("Running")
-    running["metadata"]["annotations"][PROGRESS_ANNOTATION] = json.dumps(
-        {"step": 37, "total_steps": 100, "loss": 1.23456, "eta_seconds": 4330, "updated_at": "t"}
+
+def test_pod_failure_reasons() -> None:
+    def reason(state: dict[str, Any]) -> str:
+        return pod_failure(pod("Failed", state), JOB).reason
+
+    assert reason({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}) == "OOMKilled"
+    assert reason({"terminated": {"exitCode": Exit.DATASET_ERROR}}) == "DatasetError"
+    assert reason({"terminated": {"exitCode": Exit.SECRET_MISSING}}) == "SecretMissing"
+    assert reason({"terminated": {"exitCode": Exit.CUDA_OUT_OF_MEMORY}}) == "CUDAOutOfMemory"
+    assert reason({"terminated": {"exitCode": Exit.INVALID_SPEC}}) == "InvalidSpec"
+    assert reason({"terminated": {"exitCode": Exit.ERROR}}) == "TrainerError"
+    assert reason({"terminated": {"exitCode": 1, "message": termination_message("DatasetError", "x")}}) == (
+        "DatasetError"
     )
-    status2, events2 = compute_status(observe(job(startTime=NOW), [running]), status, NOW)
-    assert (status2["state"], status2["progress"], status2["loss"], status2["eta"]) == (
-        "Running",
-        "37%",
-        "1.2346",
-        "1h12m",
+    oom = pod_failure(pod("Failed", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}), JOB)
+    assert "resources.memory: 48Gi" in oom.message
+    evicted = {
+        "metadata": {"name": "p"},
+        "status": {"phase": "Failed", "reason": "Evicted", "message": "low"},
+    }
+    assert pod_failure(evicted, JOB).message == "trainer pod p failed (Evicted: low)"
+
+
+def test_a_messageless_failure_keeps_the_end_of_its_log() -> None:
+    # FallbackToLogsOnError: no termination message file, so the kubelet put the log's end there.
+    failure = pod_failure(
+        pod("Failed", {"terminated": {"exitCode": 1, "message": "Traceback\nValueError: bad"}}), JOB
     )
-    assert [e.reason for e in events2] == ["Started"]
+    assert failure.reason == "TrainerError" and "ValueError: bad" in failure.message
 
 
-def test_succeeded() -> None:
-    done = job([{"type": "Complete", "status": "True"}], completionTime="2026-11-28T11:00:00Z")
-    status, events = compute_status(
-        observe(done, [pod("Succeeded")]), {"state": "Running", "specHash": "abc"}, NOW
-    )
-    assert status["state"] == "Succeeded" and status["progress"] == "100%"
-    assert status["completionTime"] == "2026-11-28T11:00:00Z"
-    assert [e.reason for e in events] == ["Succeeded"]
+def test_unschedulable_and_image_pull() -> None:
+    stuck = pod("Pending")
+    stuck["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"}
+    ]
+    assert unschedulable([stuck]) == "0/3 nodes" and unschedulable([pod("Running")]) is None
+    pulling = pod("Pending", {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}})
+    problem = image_pull_problem([pulling])
+    assert problem is not None and not problem.fatal and "img:1" in problem.message
+    assert "manifest unknown" in problem.message
+    fatal = image_pull_problem([pod("Pending", {"waiting": {"reason": "InvalidImageName"}})])
+    assert fatal is not None and fatal.fatal
+    assert image_pull_problem([pod("Pending", {"waiting": {"reason": "ContainerCreating"}})]) is None
 
 
-def test_failure_reason_names_the_container_exit() -> None:
-    failed_pod = pod(
-        "Failed",
-        containerStatuses=[
-            {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
-        ],
-    )
-    failed = job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], failed=2)
-    status, events = compute_status(
-        observe(failed, [failed_pod]), {"state": "Running", "specHash": "abc"}, NOW
-    )
-    assert status["state"] == "Failed"
-    c = cond(status, "Failed")
-    assert c["reason"] == "BackoffLimitExceeded" and "exited with code 137 (OOMKilled)" in c["message"]
-    assert status["restarts"] == 1
-    assert events[0].type == "Warning" and events[0].reason == "BackoffLimitExceeded"
-
-
-def test_unschedulable_is_a_condition_and_one_warning() -> None:
-    stuck = pod(
-        "Pending",
-        conditions=[
-            {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "Unschedulable",
-                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
-            }
-        ],
-    )
-    status, events = compute_status(observe(job(), [stuck]), {}, NOW)
-    assert status["state"] == "Pending"
-    assert cond(status, "Scheduled")["reason"] == "Unschedulable"
-    assert "Insufficient nvidia.com/gpu" in cond(status, "Scheduled")["message"]
-    assert [e.reason for e in events] == ["Unschedulable"]
-    # Level-triggered: the same observation again gives the same status and no new event.
-    again, events2 = compute_status(observe(job(), [stuck]), status, "2026-11-28T10:05:00Z")
-    assert again == status and events2 == []
-
-
-def test_suspended_and_invalid() -> None:
-    status, _ = compute_status(observe(job(suspend=True)), {}, NOW)
-    assert status["state"] == "Suspended"
-    bad, events = compute_status(observe(None, invalid="spec.method: qlora needs 4-bit"), {}, NOW)
-    assert bad["state"] == "Failed" and cond(bad, "Failed")["reason"] == "InvalidSpec"
-    assert events[0].message == "spec.method: qlora needs 4-bit"
+def test_the_log_is_read_from_rank_0_only_while_its_trainer_runs() -> None:
+    running = {"running": {"startedAt": NOW}}
+    rank1 = pod("Running", running, annotations={"batch.kubernetes.io/job-completion-index": "1"})
+    rank0 = pod("Running", running, annotations={"batch.kubernetes.io/job-completion-index": "0"})
+    assert rank0_log_pod([rank1, rank0]) is rank0
+    assert rank0_log_pod([rank1]) is None
+    assert rank0_log_pod([pod("Pending", {"waiting": {"reason": "ContainerCreating"}})]) is None
 
 
 def test_transition_times_move_only_on_flips() -> None:
-    first, _ = compute_status(observe(job(), [pod("Running")]), {}, NOW)
-    later, _ = compute_status(observe(job(), [pod("Running")]), first, "2026-11-28T12:00:00Z")
-    assert cond(later, "Running")["lastTransitionTime"] == NOW
-
-
-def test_a_new_run_forgets_the_old_runs_progress() -> None:
-    old = {"state": "Succeeded", "specHash": "old", "progress": "100%", "loss": "0.5"}
-    status, _ = compute_status(observe(job(), [pod("Pending")]), old, NOW)
-    assert "progress" not in status and "loss" not in status and status["state"] == "Pending"
+    first = Conditions([], NOW, 1)
+    first.set("Running", True, "TrainerRunning", "running")
+    later = Conditions(first.items, "2026-11-28T12:00:00Z", 2)
+    later.set("Running", True, "TrainerRunning", "still running")
+    assert later.items[0]["lastTransitionTime"] == NOW and later.items[0]["observedGeneration"] == 2
+    flipped = Conditions(later.items, "2026-11-28T13:00:00Z", 2)
+    flipped.set("Running", False, "Preempted", "gone")
+    assert flipped.items[0]["lastTransitionTime"] == "2026-11-28T13:00:00Z"
 
 
 def test_durations() -> None:

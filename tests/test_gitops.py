@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,17 @@ import yaml
 
 import kubetune
 from kubetune.api.generate import crd
-from kubetune.controller.reconcile import _drop_none
-from kubetune.controller.status import PROGRESS_ANNOTATION, Observed, compute_status
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.contract import progress_line
+from kubetune.controller.plan import Observed, SecretCheck, plan
+from kubetune.render import render_claim, render_job, spec_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 GITOPS = ROOT / "gitops"
 HEALTH_LUA = GITOPS / "argocd" / "health.lua"
 CM_KEY = "resource.customizations.health.kubetune.io_FineTuneJob"
 NOW = "2026-11-28T10:00:00Z"
+NOW_DT = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 CRD = crd()
 
 # lupa ships no type information; imported by name so that mypy sees a plain module.
@@ -116,9 +120,11 @@ def trainer_job(conditions: list[dict[str, Any]] | None = None, suspend: bool = 
     return {"spec": {"suspend": suspend}, "status": {"conditions": conditions or [], **status}}
 
 
-def pod(phase: str, progress: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
-    annotations = {PROGRESS_ANNOTATION: json.dumps(progress)} if progress else {}
-    return {"metadata": {"annotations": annotations}, "status": {"phase": phase, **status}}
+def pod(phase: str, created: str = NOW, **status: Any) -> dict[str, Any]:
+    p = {"metadata": {"name": "p", "creationTimestamp": created}, "status": {"phase": phase, **status}}
+    if phase == "Running":
+        p["status"].setdefault("containerStatuses", [{"name": "trainer", "state": {"running": {}}}])
+    return p
 
 
 def with_status(
@@ -127,23 +133,63 @@ def with_status(
     pods: list[dict[str, Any]] | None = None,
     invalid: str | None = None,
     old: dict[str, Any] | None = None,
+    log: str | None = None,
+    secret: SecretCheck | None = None,
 ) -> dict[str, Any]:
-    """The object as the operator leaves it: compute_status, then None dropped as reconcile writes it."""
-    obs = Observed(obj["metadata"]["generation"], "9f3c", "falcon-7b-guanaco-9f3c", job, pods or [], invalid)
-    status, _ = compute_status(obs, old or {}, NOW)
-    return {**copy.deepcopy(obj), "status": _drop_none(status)}
+    """The object as the operator leaves it: what plan() writes for this observation of the cluster.
+    `job` gives the run's Job its suspend flag and status; `old` is the status of an earlier pass."""
+    obj = copy.deepcopy(obj)
+    if invalid is not None:
+        return {**obj, "status": plan(Observed(obj, None, invalid=invalid), NOW_DT).status}
+    model = FineTuneJob.model_validate(obj)
+    jobs = []
+    if job is not None:
+        rendered = render_job(model)
+        rendered["metadata"]["uid"] = "job-uid"
+        rendered["spec"]["suspend"] = job["spec"]["suspend"]
+        rendered["status"] = job["status"]
+        jobs.append(rendered)
+    if old is not None:
+        obj["status"] = {"specHash": spec_hash(model), **old}
+    obs = Observed(
+        obj, model, jobs=jobs, pods=pods or [], claim=render_claim(model), log_tail=log, secret=secret
+    )  # type: ignore[arg-type]
+    return {**obj, "status": plan(obs, NOW_DT).status}
 
 
 UNSCHEDULABLE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-PROGRESS = {"step": 37, "total_steps": 100, "loss": 1.23456, "eta_seconds": 4330, "updated_at": NOW}
+PROGRESS = progress_line(
+    {
+        "state": "Training",
+        "step": 37,
+        "total_steps": 100,
+        "loss": 1.23456,
+        "eta_seconds": 4330,
+        "updated_at": NOW,
+    }
+)
 OOM = [{"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]
 FAILED_JOB = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+DISRUPTED = [
+    {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": "x"}
+]
 
 
 def samples() -> dict[str, tuple[dict[str, Any], str, str]]:
-    running = with_status(base(), trainer_job(startTime=NOW), [pod("Running", PROGRESS)])
+    running = with_status(base(), trainer_job(startTime=NOW), [pod("Running")], log=PROGRESS)
     stale = copy.deepcopy(running)
     stale["metadata"]["generation"] = 4
+    unschedulable = pod(
+        "Pending",
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}
+        ],
+    )
+    oom_message = (
+        "OOMKilled: the trainer used more memory than its limit (resources.memory: 48Gi) and was killed "
+        "(OOMKilled): raise resources.memory, or lower training.perDeviceBatchSize and training.maxSeqLength "
+        "(smaller batches of shorter rows)"
+    )
     return {
         "no status": (base(), "Progressing", "waiting for the operator to pick up this FineTuneJob"),
         "stale observedGeneration": (
@@ -162,31 +208,40 @@ def samples() -> dict[str, tuple[dict[str, Any], str, str]]:
             "pending: trainer pods are scheduled and starting",
         ),
         "pending, unschedulable": (
-            with_status(
-                base(),
-                trainer_job(),
-                [
-                    pod(
-                        "Pending",
-                        conditions=[
-                            {
-                                "type": "PodScheduled",
-                                "status": "False",
-                                "reason": "Unschedulable",
-                                "message": UNSCHEDULABLE,
-                            }
-                        ],
-                    )
-                ],
-            ),
+            with_status(base(), trainer_job(), [unschedulable]),
             "Progressing",
             f"pending: Unschedulable: {UNSCHEDULABLE}",
         ),
-        "running with progress": (running, "Progressing", "running: 37% loss 1.2346 eta 1h12m"),
+        "pending, secret missing": (
+            with_status(base(), None, secret="missing"),
+            "Degraded",
+            'SecretMissing: the Secret "hf-token" with key "token" (spec.output.hub.token.secretKeyRef) does '
+            "not exist in namespace ml-training: create it with `kubectl create secret generic hf-token -n "
+            "ml-training --from-literal=token=<Hugging Face token with write access>`; the run starts once "
+            "it exists",
+        ),
+        "running with progress": (running, "Progressing", "running: Training 37% loss 1.2346 eta 1h12m"),
         "running after a preemption": (
-            with_status(base(), trainer_job(startTime=NOW, failed=1), [pod("Running", PROGRESS)]),
+            with_status(
+                base(),
+                trainer_job(startTime=NOW, failed=1),
+                [pod("Running")],
+                log=PROGRESS,
+                old={"state": "Running", "restarts": 1},
+            ),
             "Progressing",
-            "running: 37% loss 1.2346 eta 1h12m restarts 1",
+            "running: Training 37% loss 1.2346 eta 1h12m restarts 1",
+        ),
+        "running, replacement of a preempted pod starting": (
+            with_status(
+                base(),
+                trainer_job(startTime=NOW),
+                [pod("Failed", conditions=DISRUPTED)],
+                old={**running["status"]},
+            ),
+            "Progressing",
+            "running: Training 37% loss 1.2346 eta 1h12m restarts 1; Preempted: trainer pod p was preempted "
+            "(PreemptionByScheduler: x); its replacement resumes from the last checkpoint",
         ),
         "running, no report yet": (
             with_status(base(), trainer_job(startTime=NOW), [pod("Running")]),
@@ -202,7 +257,7 @@ def samples() -> dict[str, tuple[dict[str, Any], str, str]]:
             with_status(
                 base(suspend=True),
                 trainer_job(suspend=True),
-                old={"specHash": "9f3c", "progress": "37%", "loss": "1.2346"},
+                old={"progress": "37%", "loss": "1.2346"},
             ),
             "Suspended",
             "suspended by runPolicy.suspend; resumes from its last checkpoint (at 37%)",
@@ -211,11 +266,6 @@ def samples() -> dict[str, tuple[dict[str, Any], str, str]]:
             with_status(base(queueName="a100"), trainer_job(suspend=True)),
             "Progressing",
             "queued: waiting for Kueue to admit the Job (LocalQueue a100)",
-        ),
-        "queued, no queueName": (
-            with_status(base(), trainer_job(suspend=True)),
-            "Progressing",
-            "queued: the trainer Job is suspended until a queue controller admits it",
         ),
         "succeeded": (
             with_status(
@@ -227,10 +277,10 @@ def samples() -> dict[str, tuple[dict[str, Any], str, str]]:
             "Healthy",
             "training finished, loss 0.9812",
         ),
-        "failed, backoff limit": (
+        "failed, oom after retries": (
             with_status(base(), trainer_job(FAILED_JOB, failed=4), [pod("Failed", containerStatuses=OOM)]),
             "Degraded",
-            "BackoffLimitExceeded: container trainer exited with code 137 (OOMKilled)",
+            oom_message,
         ),
         "failed, invalid spec": (
             with_status(base(), None, invalid="spec.method: qlora needs 4-bit quantization"),
@@ -388,7 +438,8 @@ def flux_health(obj: dict[str, Any]) -> str:
 FLUX = {
     "no status": "Error",
     "stale observedGeneration": "InProgress",
-    "failed, backoff limit": "Failed",
+    "pending, secret missing": "Failed",
+    "failed, oom after retries": "Failed",
     "failed, invalid spec": "Failed",
 }
 

@@ -159,6 +159,30 @@ CASES = [
         "spec.training",
         "blockSize cannot exceed",
     ),
+    (
+        "storage-claim-and-ephemeral",
+        _both(_set("spec.storage.claimName", "shared"), _set("spec.storage.ephemeral", True)),
+        "spec.storage",
+        "storage.ephemeral (an emptyDir), not both",
+    ),
+    (
+        "storage-size-with-claim",
+        _both(_set("spec.storage.claimName", "shared"), _set("spec.storage.size", "100Gi")),
+        "spec.storage",
+        "(the claim kubetune creates) or storage.claimName / storage.ephemeral, not both",
+    ),
+    (
+        "storage-class-with-emptydir",
+        _both(_set("spec.storage.ephemeral", True), _set("spec.storage.storageClassName", "fast")),
+        "spec.storage",
+        "(the claim kubetune creates) or storage.claimName / storage.ephemeral, not both",
+    ),
+    (
+        "storage-bad-reclaim-policy",
+        _set("spec.storage.reclaimPolicy", "Recycle"),
+        "spec.storage.reclaimPolicy",
+        "'Delete' or 'Retain'",
+    ),
     ("bad-name", _set("metadata.name", "My_Job"), "metadata.name", "must be a lowercase DNS name"),
     (
         "bad-hub-id",

@@ -8,7 +8,25 @@ from typing import Any
 import yaml
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.render import ANNOTATION_SPEC_HASH, LABEL_QUEUE, render, render_job, run_name, spec_hash
+from kubetune.contract import (
+    ANNOTATION_SPEC_HASH,
+    ENV_RUN,
+    ENV_TERMINATION_LOG,
+    FAIL_FAST_EXIT_CODES,
+    LABEL_JOB,
+    LABEL_QUEUE,
+    LABEL_RUN,
+    TERMINATION_LOG,
+)
+from kubetune.render import (
+    output_path,
+    render,
+    render_claim,
+    render_job,
+    run_name,
+    spec_hash,
+    workspace_claim,
+)
 
 DOC: dict[str, Any] = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -41,17 +59,95 @@ def test_job_requests_gpus_and_lands_on_gpu_nodes() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert rendered["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"] == [
-        {"type": "DisruptionTarget"}
-    ]
+    ignore, checkpointed, fail_fast = rendered["spec"]["podFailurePolicy"]["rules"]
+    # Preemption is not a failure, nor a trainer that checkpointed on SIGTERM (a suspend); errors a
+    # retry cannot fix end the run at once.
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert checkpointed == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
+    }
+    assert fail_fast == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": list(FAIL_FAST_EXIT_CODES)},
+    }
 
 
 def test_token_only_through_secret_key_ref() -> None:
     objects = render(job())
     env = by_kind(objects)["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
     [token] = [e for e in env if e["name"] == "HF_TOKEN"]
-    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}
+    # Optional: a missing Secret starts the container, whose trainer says which Secret to create
+    # (instead of a pod stuck in CreateContainerConfigError).
+    assert token == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok", "optional": True}},
+    }
     assert all("value" in e or "valueFrom" in e for e in env)
+
+
+def test_trainer_pods_have_no_api_access_and_report_through_their_log() -> None:
+    rendered = render_job(job())
+    pod = rendered["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[ENV_RUN] == run_name(job()) == rendered["metadata"]["name"]
+    assert env[ENV_TERMINATION_LOG] == container["terminationMessagePath"] == TERMINATION_LOG
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert not [name for name in env if name.startswith("KUBETUNE_POD_")]
+    assert not [e for e in container["env"] if "fieldRef" in e.get("valueFrom", {})]
+
+
+def test_the_workspace_is_a_claim_per_finetunejob() -> None:
+    objects = render(job())
+    assert [o["kind"] for o in objects] == ["PersistentVolumeClaim", "ConfigMap", "Job"]
+    claim = objects[0]
+    assert claim["metadata"]["name"] == workspace_claim(job()) == "demo-workspace"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}}}
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # One claim for all runs of the FineTuneJob: not labelled with a run, not named after one.
+    assert LABEL_RUN not in claim["metadata"]["labels"] and claim["metadata"]["labels"][LABEL_JOB] == "demo"
+    assert spec_hash(job()) not in str(claim)
+    volumes = {v["name"]: v for v in objects[2]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["workspace"] == {
+        "name": "workspace",
+        "persistentVolumeClaim": {"claimName": "demo-workspace"},
+    }
+    env = {e["name"]: e.get("value") for e in objects[2]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_HOME"] == "/workspace/.cache/huggingface"  # downloads survive a replaced pod
+
+
+def test_claim_options() -> None:
+    sized = render_claim(job(storage={"size": "200Gi", "storageClassName": "fast-ssd"}))
+    assert sized is not None
+    assert sized["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert sized["spec"]["storageClassName"] == "fast-ssd"
+    # Every pod of a multi-node run mounts it, each on its own node.
+    shared = render_claim(job(resources={"gpusPerNode": 8, "nodes": 2}))
+    assert shared is not None and shared["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Retain: no owner, so it outlives the FineTuneJob (and a new one of the same name uses it).
+    kept = render_claim(job(storage={"reclaimPolicy": "Retain"}))
+    assert kept is not None and "ownerReferences" not in kept["metadata"]
+    # An existing claim, or an emptyDir: nothing to create.
+    for storage, volume in (
+        ({"claimName": "shared"}, {"persistentVolumeClaim": {"claimName": "shared"}}),
+        ({"ephemeral": True}, {"emptyDir": {}}),
+    ):
+        assert render_claim(job(storage=storage)) is None
+        objects = render(job(storage=storage))
+        assert [o["kind"] for o in objects] == ["ConfigMap", "Job"]
+        volumes = {v["name"]: v for v in objects[-1]["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["workspace"] == {"name": "workspace", **volume}
+
+
+def test_each_run_writes_into_its_own_folder() -> None:
+    for changes, root in (
+        ({}, "/workspace/output"),
+        ({"output": {"path": "out"}}, "/workspace/out"),  # relative: from the mount path
+        ({"output": {"path": "/data/x/"}, "storage": {"mountPath": "/data"}}, "/data/x"),
+    ):
+        assert output_path(job(**changes)) == f"{root}/runs/{run_name(job(**changes))}"
 
 
 def test_cpu_only_job_requests_no_gpu_and_tolerates_nothing() -> None:
@@ -62,7 +158,7 @@ def test_cpu_only_job_requests_no_gpu_and_tolerates_nothing() -> None:
 
 
 def test_owner_reference_labels_and_deterministic_name() -> None:
-    objects = render(job())
+    objects = [o for o in render(job()) if o["kind"] != "PersistentVolumeClaim"]
     for obj in objects:
         meta = obj["metadata"]
         assert meta["name"] == run_name(job()) and meta["name"].startswith("demo-")
@@ -70,7 +166,7 @@ def test_owner_reference_labels_and_deterministic_name() -> None:
         assert meta["ownerReferences"][0]["uid"] == "u-1" and meta["ownerReferences"][0]["controller"]
         assert meta["labels"]["kubetune.io/finetunejob"] == "demo"
         assert meta["annotations"][ANNOTATION_SPEC_HASH] == spec_hash(job())
-    assert objects == render(job())  # pure: same input, same output
+    assert render(job()) == render(job())  # pure: same input, same output
 
 
 def test_render_does_not_mutate_its_input() -> None:
@@ -86,6 +182,8 @@ def test_run_identity_follows_the_spec_only() -> None:
     assert spec_hash(job(method={"type": "qlora"}, training={"learningRate": 2e-4})) == base
     # runPolicy steers the run; it is not a new run.
     assert spec_hash(job(runPolicy={"suspend": True, "ttlSecondsAfterFinished": 60})) == base
+    # Nor is what happens to the workspace when the FineTuneJob is deleted.
+    assert spec_hash(job(storage={"reclaimPolicy": "Retain"})) == base
     # Metadata is not the spec.
     relabelled = job()
     relabelled.metadata.labels["team"] = "b"
@@ -125,6 +223,10 @@ def test_kueue_queue_and_run_policy() -> None:
     assert rendered["spec"]["template"]["metadata"]["labels"][LABEL_QUEUE] == "gpus"
     assert rendered["spec"]["suspend"] is True
     assert rendered["spec"]["activeDeadlineSeconds"] == 3600 and rendered["spec"]["backoffLimit"] == 1
+    # With a queue the Job is always created suspended: Kueue admits it by setting suspend to false.
+    queued = render_job(job(runPolicy={"queueName": "gpus"}))
+    assert queued["spec"]["suspend"] is True
+    assert render_job(job())["spec"]["suspend"] is False
 
 
 def test_configmap_holds_the_resolved_spec_and_no_secret() -> None:
@@ -135,6 +237,12 @@ def test_configmap_holds_the_resolved_spec_and_no_secret() -> None:
     assert mounted["spec"]["method"]["type"] == "qlora"
     assert mounted["spec"]["output"]["hub"]["token"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
     assert "uid" not in mounted["metadata"] and "labels" not in mounted["metadata"]
+    # The resolved spec writes storage.size (a default) next to claimName: still valid, in the models
+    # and in the CRD's rule, which both let a default through.
+    for storage in ({"claimName": "shared"}, {"ephemeral": True}):
+        named = yaml.safe_load(by_kind(render(job(storage=storage)))["ConfigMap"]["data"]["job.yaml"])
+        assert named["spec"]["storage"]["size"] == "50Gi"
+        assert FineTuneJob.model_validate(named).spec.storage == job(storage=storage).spec.storage
 
 
 def test_pod_metadata_is_added_but_never_overrides_ours() -> None:

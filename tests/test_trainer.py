@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("trl")
 
 import tiny  # noqa: E402
+from kubetune.contract import PROGRESS_PREFIX, parse_progress, parse_termination_message  # noqa: E402
 from kubetune.trainer import run  # noqa: E402
 from kubetune.trainer.errors import Preempted  # noqa: E402
 
@@ -109,7 +111,8 @@ def test_qlora_trains_saves_and_reloads(arch: str, tiny_models: dict[str, Path],
     del model
 
     metrics = run(job_file)
-    out = tmp_path / "out"
+    out = tiny.run_folder(job_file)
+    assert out.parent == tmp_path / "out" / "runs" and out.name.startswith("t-")
     assert metrics["steps"] == 40 and metrics["quantized_layers"] == LINEAR_PER_ARCH[arch]
     assert metrics["data"]["kept"] == 200 and metrics["data"]["validation_rows"] == 20
     assert 0 < metrics["eval_loss"] < 20 and metrics["perplexity"] > 1
@@ -167,7 +170,7 @@ def test_chat_format_with_lora(tiny_models: dict[str, Path], tmp_path: Path) -> 
     )
     metrics = run(job)
     assert metrics["steps"] == 4 and metrics["quantized_layers"] == 0 and "eval_loss" not in metrics
-    assert (tmp_path / "out/adapter/adapter_config.json").is_file()
+    assert (tiny.run_folder(job) / "adapter/adapter_config.json").is_file()
 
 
 def test_text_format_packed_full_finetune(tiny_models: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
@@ -182,12 +185,45 @@ def test_text_format_packed_full_finetune(tiny_models: dict[str, Path], tmp_path
     )
     metrics = run(job)
     assert metrics["steps"] == 3 and metrics["trainable_parameters"] == metrics["total_parameters"]
-    assert (tmp_path / "out/model/model.safetensors").is_file()
-    assert not (tmp_path / "out/adapter").exists()
+    assert (tiny.run_folder(job) / "model/model.safetensors").is_file()
+    assert not (tiny.run_folder(job) / "adapter").exists()
     assert "packed 64 rows into" in capsys.readouterr().out
 
 
-def test_early_stopping_keeps_the_best_adapter(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def checkpoint_states(folder: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in (folder / "checkpoints").glob("*/trainer_state.json")}
+
+
+def finished_rerun(job: Path, capsys: Any) -> tuple[dict[str, Any], str]:
+    """Run a finished run again, with its card, adapter and metrics deleted; check it did no training."""
+    folder = tiny.run_folder(job)
+    checkpoints = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    states = checkpoint_states(folder)
+    marker = (folder / "training-complete.json").read_bytes()
+    for name in ("README.md", "metrics.json", "samples.json"):
+        (folder / name).unlink()
+    shutil.rmtree(folder / "adapter")
+    capsys.readouterr()
+    metrics = run(job)
+    log = capsys.readouterr().out
+    assert "training already complete at step" in log and "not training again" in log
+    # No training step logged (the evaluation of the loaded weights logs an eval_loss line).
+    assert not [line for line in log.splitlines() if line.startswith("[kubetune] step ") and " loss " in line]
+    # No optimizer step: no new checkpoint, the ones there unchanged, the marker as it was.
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == checkpoints
+    assert checkpoint_states(folder) == states
+    assert (folder / "training-complete.json").read_bytes() == marker
+    # Saved, carded and reported again.
+    for name in ("README.md", "metrics.json", "samples.json", "adapter/adapter_model.safetensors"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "metrics.json").read_text()) == metrics
+    assert json.loads((folder / "progress.json").read_text())["state"] == "Succeeded"
+    return metrics, log
+
+
+def test_early_stopping_keeps_the_best_adapter_and_never_trains_again(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
     # A learning rate far too high makes the validation loss stop improving within a few evaluations.
     job = tiny.write_job(
         tmp_path,
@@ -203,13 +239,23 @@ def test_early_stopping_keeps_the_best_adapter(tiny_models: dict[str, Path], tmp
         samples={"prompts": []},
     )
     metrics = run(job)
-    assert metrics["steps"] < 40
-    state = json.loads(
-        (tmp_path / f"out/checkpoints/checkpoint-{metrics['steps']}/trainer_state.json").read_text()
-    )
+    folder = tiny.run_folder(job)
+    assert metrics["steps"] < 40 and metrics["completion_reason"] == "early_stopping"
+    state = json.loads((folder / f"checkpoints/checkpoint-{metrics['steps']}/trainer_state.json").read_text())
     evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
     assert evals[-1] > min(evals)  # it stopped because the last evaluation was no better
     assert metrics["eval_loss"] == pytest.approx(min(evals), abs=1e-3)  # and kept the best adapter
+    marker = json.loads((folder / "training-complete.json").read_text())
+    assert marker["reason"] == "early_stopping" and marker["step"] == metrics["steps"]
+    assert marker["final_checkpoint"] == f"checkpoint-{metrics['steps']}"
+    assert marker["best_checkpoint"] is not None and marker["best_checkpoint"] != marker["final_checkpoint"]
+
+    # Started again (a pod restart, a retry after a failed push): the old `global_step >= max_steps`
+    # test says "not finished", but the marker does: no training, the best weights, the same eval loss.
+    again, log = finished_rerun(job, capsys)
+    assert "loading the best weights of " + marker["best_checkpoint"] in log
+    assert again["steps"] == metrics["steps"] and again["completion_reason"] == "early_stopping"
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +272,14 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(
         training={"maxSteps": 60, "saveSteps": 10, "loggingSteps": 1},
         samples={"prompts": []},
     )
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = tiny.run_folder(job)
+    termination_log = tmp_path / "termination-log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "KUBETUNE_TERMINATION_LOG": str(termination_log),
+    }
+    env.pop("KUBETUNE_RUN", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubetune.trainer", "--spec", str(job)],
         stdout=subprocess.PIPE,
@@ -236,22 +288,29 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(
         env=env,
     )
     first = out / "checkpoints" / "checkpoint-10" / "trainer_state.json"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert first.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == Preempted.exit_code, output
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == Preempted.exit_code == 143, output
     assert "SIGTERM received" in output
+    assert f"run {out.name}: writing to {out}" in output
 
     progress = json.loads((out / "progress.json").read_text())
-    assert progress["state"] == "Preempted"
+    assert progress["state"] == "Preempted" and progress["run"] == out.name
+    assert parse_progress(output) == {k: v for k, v in progress.items() if v is not None}
     stopped = progress["step"]
     assert 10 <= stopped < 60
+    assert parse_termination_message(termination_log.read_text()) == (
+        "Preempted",
+        f"preempted (SIGTERM) at step {stopped}/60; checkpoint saved, the next start resumes from it",
+    )
     saved = out / "checkpoints" / f"checkpoint-{stopped}"
     assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == stopped
     assert not (out / "adapter").exists()  # training did not finish
+    assert not (out / "training-complete.json").exists()
 
     capsys.readouterr()
     metrics = run(job)
@@ -263,23 +322,33 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(
     history = [step for step, _ in logged_losses(out / "checkpoints" / "checkpoint-60")]
     assert history == sorted(set(history)) and history[-1] == 60
     assert json.loads((out / "progress.json").read_text())["state"] == "Succeeded"
+    marker = json.loads((out / "training-complete.json").read_text())
+    assert marker["reason"] == "max_steps" and marker["step"] == 60 and marker["best_checkpoint"] is None
 
     # A finished run started again does not train again.
-    again = run(job)
+    again, log = finished_rerun(job, capsys)
+    assert "loading the final weights of checkpoint-60" in log
     assert again["resumed_from_step"] == 60 and again["steps"] == 60
+    assert again["train_loss_last"] == metrics["train_loss_last"]
 
 
 # --------------------------------------------------------------------------------------------------
-# The example job, the model card and secrets
+# The example job, the model card, progress lines and secrets
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tiny_local_job_card_and_no_token_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_local_job_card_and_no_token_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("KUBETUNE_GIT_COMMIT", "deadbeef")
-    out = tmp_path / "out"
-    metrics = run(ROOT / "jobs/tiny-local.yaml", out)  # its wall time is measured in bench/tiny_run.py
+    monkeypatch.delenv("KUBETUNE_RUN", raising=False)
+    root = tmp_path / "out"
+    metrics = run(ROOT / "jobs/tiny-local.yaml", root)  # its wall time is measured in bench/tiny_run.py
+    out = tiny.run_folder(ROOT / "jobs/tiny-local.yaml", root)
+    assert [p.name for p in root.iterdir()] == ["runs"] and out.name.startswith("tiny-local-")
     assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["run"] == out.name
     assert metrics["data"] == {
         "rows_read": 228,
         "empty_dropped": 3,
@@ -288,17 +357,43 @@ def test_tiny_local_job_card_and_no_token_anywhere(tmp_path: Path, monkeypatch: 
         "train_rows": 198,
         "validation_rows": 22,
     }
-    for name in ("README.md", "metrics.json", "samples.json", "progress.json", "adapter/README.md"):
+    for name in (
+        "README.md",
+        "metrics.json",
+        "samples.json",
+        "progress.json",
+        "adapter/README.md",
+        "training-complete.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert json.loads((out / "progress.json").read_text())["state"] == "Succeeded"
     assert len(json.loads((out / "samples.json").read_text())) == 2
+
+    # Progress went out as log lines the operator can read back, in order, from the main process.
+    stdout = capsys.readouterr().out
+    lines = [line for line in stdout.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    reports = [parse_progress(line) for line in lines]
+    assert all(r is not None and r["run"] == out.name for r in reports)
+    states = [r["state"] for r in reports if r is not None]
+    assert states[0] == "Loading" and states[-1] == "Succeeded"
+    assert [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s] == [
+        "Loading",
+        "Training",
+        "Evaluating",
+        "Saving",
+        "Succeeded",
+    ]
+    last = parse_progress(stdout)
+    assert last is not None and last["step"] == 40 and last["total_steps"] == 40
+    assert last == {k: v for k, v in json.loads((out / "progress.json").read_text()).items() if v is not None}
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card
     assert "path: tiny/llama" in card and "format: alpaca" in card and "maxSteps: 40" in card  # the spec
     assert "metadata" not in card.split("## Training spec")[1].split("## Software")[0]
     assert f"| train_loss_last | {metrics['train_loss_last']:.4g} |" in card
+    assert f"| run | {out.name} |" in card
     assert "deadbeef" in card and "bitsandbytes" in card and "trl" in card
     assert "What is the capital of France?" in card
     # Lineage: the exact bytes trained on.
@@ -307,5 +402,5 @@ def test_tiny_local_job_card_and_no_token_anywhere(tmp_path: Path, monkeypatch: 
     assert f"`tiny/data.jsonl` (sha256 `{digest[:16]}" in card
 
     token = FAKE_TOKEN.encode()
-    leaked = [str(p) for p in out.rglob("*") if p.is_file() and token in p.read_bytes()]
-    assert leaked == []
+    leaked = [str(p) for p in root.rglob("*") if p.is_file() and token in p.read_bytes()]
+    assert leaked == [] and token not in stdout.encode()

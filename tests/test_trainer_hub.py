@@ -23,11 +23,11 @@ pytestmark = pytest.mark.trainer
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("trl")
-pytest.importorskip("huggingface_hub")
+huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import tiny  # noqa: E402
 from kubetune.trainer import run  # noqa: E402
-from kubetune.trainer.errors import TrainerError  # noqa: E402
+from kubetune.trainer.errors import SecretMissing, TrainerError  # noqa: E402
 
 FAKE_TOKEN = "hf_" + "FakeHubToken0123456789abcdef"
 
@@ -129,7 +129,9 @@ class StandInHub:
         self._server.server_close()
 
 
-def test_push_to_a_local_stand_in_for_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_to_a_local_stand_in_for_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Trains a tiny QLoRA adapter, merges it, and pushes to the LOCAL STAND-IN Hub (not the real one)."""
     model = tiny.save_tiny_model(tmp_path / "model", "llama")
     job = tiny.write_job(
@@ -146,26 +148,46 @@ def test_push_to_a_local_stand_in_for_the_hub(tmp_path: Path, monkeypatch: pytes
             "pushMerged": True,
         },
     )
-    out = tmp_path / "job" / "out"
+    out = tiny.run_folder(job)
     with StandInHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("KUBETUNE_RUN", raising=False)
+        # A local run: no $HF_TOKEN and no `hf auth login` token. It fails before loading anything.
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
         with pytest.raises(
-            TrainerError, match=r"output\.hub\.token: the HF_TOKEN environment variable is not set"
-        ):
+            SecretMissing, match=r"output\.hub\.token: the HF_TOKEN environment variable is not set"
+        ) as failed:
             run(job)
+        assert "Secret 'hf-token', key 'token'" in str(failed.value)
+        assert failed.value.exit_code == 4 and failed.value.reason == "SecretMissing"
         assert hub.commits == []
+        assert json.loads((out / "progress.json").read_text())["state"] == "Failed"
+        assert not (out / "checkpoints").exists()
         monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        # The Hub refuses the first push (a token without write access): a person must fix it (exit 6),
+        # and the trained run is kept.
+        hub.fail_next = [403]
+        with pytest.raises(TrainerError, match=r"the Hub refused the push to me/tiny-qlora .*HTTP 403") as e:
+            run(job)
+        assert e.value.exit_code == 6 and FAKE_TOKEN not in str(e.value)
+        assert hub.commits == [] and (out / "training-complete.json").is_file()
+        trained = sorted(p.name for p in (out / "checkpoints").iterdir())
+        # Fixed, started again: no training this time, the same adapter, and the push lands.
+        capsys.readouterr()
         metrics = run(job)
+        assert "training already complete at step 4" in capsys.readouterr().out
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == trained
 
     assert hub.unknown == []
     assert hub.repos == {"me/tiny-qlora": {"private": True}}
-    assert [m["library_name"] for m in hub.validated] == ["peft"]  # the card's metadata
-    assert hub.branches == [("me/tiny-qlora", "run-1")]
+    assert [m["library_name"] for m in hub.validated] == ["peft", "peft"]  # the card's metadata, twice
+    assert set(hub.branches) == {("me/tiny-qlora", "run-1")}
     assert hub.auth_headers and all(a == f"Bearer {FAKE_TOKEN}" for a in hub.auth_headers)
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["repo"] == "me/tiny-qlora" and commit["revision"] == "run-1"
+    assert commit["header"]["summary"] == f"kubetune: t (qlora, run {out.name})"
     files = commit["files"]
     expected = [
         "adapter_config.json",
@@ -205,7 +227,8 @@ def test_push_to_a_local_stand_in_for_the_hub(tmp_path: Path, monkeypatch: pytes
 
 
 def test_push_retries_transient_failures_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Against the LOCAL STAND-IN Hub: a 503 is retried and the push lands; a 403 fails at once."""
+    """Against the LOCAL STAND-IN Hub: a 503 is retried and the push lands; a 403 fails at once, as an
+    error a person must fix (exit code 6); 503s until the last attempt stay unexpected (exit 1, retried)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     from kubetune.api.v1alpha1 import HubOutput
@@ -224,7 +247,13 @@ def test_push_retries_transient_failures_only(tmp_path: Path, monkeypatch: pytes
         assert hub.fail_next == []
 
         hub.fail_next = [403, 503]
+        with pytest.raises(TrainerError, match="HTTP 403") as refused:
+            hub_mod.push(target, files, commit_message="m")
+        assert isinstance(refused.value.__cause__, HfHubHTTPError)
+        assert hub.fail_next == [503]  # no second attempt after a 403
+        assert len(hub.commits) == 1
+
+        hub.fail_next = [503] * (hub_mod.ATTEMPTS + 1)
         with pytest.raises(HfHubHTTPError):
             hub_mod.push(target, files, commit_message="m")
-        assert hub.fail_next == [503]  # no second attempt after a 403
         assert len(hub.commits) == 1

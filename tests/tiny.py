@@ -255,3 +255,12 @@ def write_job(folder: Path, model: Path, rows: list[dict[str, Any]] | None = Non
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+def run_folder(job_file: Path, output: Path | None = None) -> Path:
+    """Where the trainer writes the run of ``job_file``: ``<output>/runs/<name>-<spec hash>/``."""
+    from kubetune.trainer.layout import run_dir, run_name
+    from kubetune.trainer.spec import base_dir, load_job, resolve_output
+
+    job = load_job(job_file)
+    return run_dir(resolve_output(job.spec, base_dir(job_file), output), run_name(job, env={}))

@@ -6,12 +6,13 @@
 -- string or math functions and no string methods, so this script uses `..`, tostring and table.concat.
 --
 --   no status yet, or status older than the spec  Progressing  waiting for the operator
---   Pending (also Unschedulable)                  Progressing  a queued GPU job is normal, not a failure
---   Suspended by runPolicy.suspend                Suspended
---   Suspended otherwise (queued in Kueue)         Progressing  waiting for admission
---   Running                                       Progressing  "running: 37% loss 1.2346 eta 1h12m"
+--   Pending (Unschedulable, ImagePullFailed...)   Progressing  a GPU job waiting for capacity is normal
+--   Pending, SecretMissing or WorkspaceConflict   Degraded     a person must act: "<reason>: <message>"
+--   Queued (Kueue has not admitted the Job)       Progressing  waiting for admission
+--   Suspended (runPolicy.suspend)                 Suspended
+--   Running                                       Progressing  "running: Training 37% loss 1.2346 eta 1h12m"
 --   Succeeded                                     Healthy
---   Failed (InvalidSpec, BackoffLimitExceeded...) Degraded     "<reason>: <message>"
+--   Failed (OOMKilled, JobRejected, InvalidSpec...) Degraded     "<reason>: <message>"
 
 local function condition(status, kind)
   if status.conditions == nil then
@@ -42,6 +43,22 @@ end
 local function result(health, message)
   return {status = health, message = message}
 end
+
+-- The condition that carries status.reason (the operator's explanation of the state).
+local function explanation(status)
+  if status.reason == nil or status.conditions == nil then
+    return nil
+  end
+  for _, c in ipairs(status.conditions) do
+    if c.reason == status.reason and c.type ~= "Valid" then
+      return c
+    end
+  end
+  return {reason = status.reason}
+end
+
+-- Pending for a reason only a person can clear.
+local needsPerson = {SecretMissing = true, WorkspaceConflict = true}
 
 local status = obj.status
 local spec = obj.spec or {}
@@ -74,26 +91,29 @@ if state == "Failed" then
 end
 
 if state == "Suspended" then
-  if runPolicy.suspend == true then
-    local message = "suspended by runPolicy.suspend; resumes from its last checkpoint"
-    if status.progress ~= nil then
-      message = message .. " (at " .. status.progress .. ")"
-    end
-    return result("Suspended", message)
+  local message = "suspended by runPolicy.suspend; resumes from its last checkpoint"
+  if status.progress ~= nil then
+    message = message .. " (at " .. status.progress .. ")"
   end
-  -- Not suspended by the spec: a queue controller holds the Job until it admits it, which is waiting.
+  return result("Suspended", message)
+end
+
+if state == "Queued" then
+  -- Kueue holds the Job until it admits it: waiting, not paused by a person.
   if runPolicy.queueName ~= nil then
     return result("Progressing",
       "queued: waiting for Kueue to admit the Job (LocalQueue " .. runPolicy.queueName .. ")")
   end
-  return result("Progressing", "queued: the trainer Job is suspended until a queue controller admits it")
+  return result("Progressing", "queued: waiting for Kueue to admit the Job")
 end
 
-local scheduled = condition(status, "Scheduled")
-local unschedulable = scheduled ~= nil and scheduled.status == "False"
+local why = explanation(status)
 
 if state == "Running" then
   local parts = {}
+  if status.phase ~= nil then
+    table.insert(parts, status.phase)
+  end
   if status.progress ~= nil then
     table.insert(parts, status.progress)
   end
@@ -111,19 +131,23 @@ if state == "Running" then
   if #parts > 0 then
     message = "running: " .. table.concat(parts, " ")
   end
-  if unschedulable then
-    message = message .. "; " .. describe(scheduled, "some trainer pods are unschedulable")
+  -- Running, but not training right now: a preempted pod's replacement, a retry, a pod unschedulable.
+  if why ~= nil and status.reason ~= "TrainerRunning" then
+    message = message .. "; " .. describe(why, "no details")
   end
   return result("Progressing", message)
 end
 
 if state == "Pending" then
+  if why ~= nil and needsPerson[status.reason] then
+    return result("Degraded", describe(why, "the run cannot start"))
+  end
   -- Unschedulable stays Progressing on purpose: GPU jobs wait for capacity (autoscaler, Kueue, other
   -- runs finishing) as a matter of course. The scheduler's message says what is missing.
-  if unschedulable then
-    return result("Progressing", "pending: " .. describe(scheduled, "no node fits the trainer pods"))
+  if why ~= nil and status.reason ~= "Starting" then
+    return result("Progressing", "pending: " .. describe(why, "waiting for the trainer pods"))
   end
-  if scheduled ~= nil then
+  if condition(status, "Scheduled") ~= nil then
     return result("Progressing", "pending: trainer pods are scheduled and starting")
   end
   return result("Progressing", "pending: waiting for the trainer pods")

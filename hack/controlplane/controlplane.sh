@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane for kubetune's end-to-end tests, built from source through the Go
 # module proxy (no binary can be downloaded here): etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler and kubectl, plus kwok, which plays the kubelets of fake GPU nodes.
+# kube-scheduler and kubectl, plus kwok, which plays the kubelets of fake GPU nodes, and the kubelet of
+# the one real node (hack/node/node.sh starts it).
 #
 #   controlplane.sh build        build the binaries once into a cache outside the repo (no-op when there)
 #   controlplane.sh bin-dir      print the directory the binaries are (or will be) in
@@ -36,7 +37,7 @@ BIN="${CACHE_DIR}/bin"
 # setsid(1) without forking (a background job of a script is no process-group leader, so it just
 # calls setsid(2) and execs: $! stays the component's pid).
 SETSID="$(command -v setsid || true)"
-K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 ALL_BINARIES=("${K8S_BINARIES[@]}" etcd kwok)
 
 # ---------------------------------------------------------------------------------------------- build
@@ -78,7 +79,7 @@ cmd_build() {
     fi
   fi
   log "building ${missing[*]} (kubernetes ${K8S_VERSION}, etcd ${ETCD_VERSION}, kwok ${KWOK_VERSION}) with $("${go}" version)"
-  log "a cold build takes about 10 minutes on 2 cores; the result is cached in ${BIN}"
+  log "a cold build takes about 15 minutes on 2 cores; the result is cached in ${BIN}"
   mkdir -p "${BIN}"
   local tmp
   tmp="$(mktemp -d "${CACHE_DIR}/build.XXXXXX")"
@@ -136,20 +137,6 @@ cmd_build() {
 }
 
 # ---------------------------------------------------------------------------------------------- start
-
-# N free TCP ports on 127.0.0.1, all distinct (held open together while they are picked). The kernel
-# hands out ports at random, so two control planes started at once do not pick the same ones.
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 
 # openssl helpers: EC P-256 keys (fast to make), certificates signed by the test CA.
 new_key() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkey -out "$1" 2>/dev/null; }
@@ -229,16 +216,6 @@ launch() {
   shift 2
   ${SETSID} "${bin}" "$@" </dev/null >"${DIR}/logs/${name}.log" 2>&1 &
   printf '%s %s\n' "${name}" "$!" >>"${DIR}/pids"
-}
-
-# The pid of a component if it is still alive AND still the binary we started (pids get reused; a
-# zombie has no exe link, so it counts as gone).
-live_pid() {
-  local pid="$1" name="$2" exe
-  [[ -d "/proc/${pid}" ]] || return 1
-  exe="$(readlink "/proc/${pid}/exe" 2>/dev/null || true)"
-  [[ "${exe}" == */"${name}" || "${exe}" == */"${name} (deleted)" ]] || return 1
-  printf '%s' "${pid}"
 }
 
 kubectl_admin() { "${BIN}/kubectl" --kubeconfig "${DIR}/kubeconfig" --request-timeout=5s "$@"; }
@@ -333,6 +310,8 @@ cmd_start() {
   # TaintNodesByCondition is off: it taints every new node node.kubernetes.io/not-ready, which only
   # node-lifecycle-controller removes, and that controller is left out on purpose (it would mark the
   # fake nodes NotReady and evict their pods whenever kwok's heartbeat runs late on a busy machine).
+  # --kubelet-preferred-address-types: the real node (hack/node/) registers as "localhost", which
+  # resolves to the loopback its kubelet listens on; its InternalIP is eth0's, where nothing listens.
   launch kube-apiserver "${BIN}/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:${etcd_port}" \
     --bind-address=127.0.0.1 \
@@ -357,6 +336,7 @@ cmd_start() {
     --proxy-client-cert-file="${pki}/front-proxy-client.crt" \
     --proxy-client-key-file="${pki}/front-proxy-client.key" \
     --disable-admission-plugins=TaintNodesByCondition \
+    --kubelet-preferred-address-types=Hostname,InternalIP,ExternalIP \
     --profiling=false
 
   wait_for "kube-apiserver /readyz" kubectl_admin get --raw /readyz
@@ -375,6 +355,11 @@ cmd_start() {
     pod-garbage-collector-controller
     root-ca-certificate-publisher-controller
     clusterrole-aggregation-controller
+    # PersistentVolumeClaims: binding (to the PVs the e2e provisioner makes, tests/e2e/node.py) and
+    # the finalizers that keep a claim or volume in use from going away.
+    persistentvolume-binder-controller
+    persistentvolume-protection-controller
+    persistentvolumeclaim-protection-controller
   )
   local kcm_kubeconfig="${DIR}/components/kube-controller-manager.kubeconfig"
   # --use-service-account-credentials: each controller runs as its own service account under its
@@ -470,14 +455,6 @@ cmd_stop() {
 }
 
 # ---------------------------------------------------------------------------------------------- watch
-
-# Alive and not a zombie (this machine's init may never reap an orphan's zombie).
-pid_running() {
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-  stat="${stat##*) }"
-  [[ "${stat:0:1}" != Z ]]
-}
 
 # watch DIR PID: stop the control plane in DIR once process PID is gone. `start` runs it in the
 # background when CONTROLPLANE_OWNER_PID is set (the pytest fixture sets its own pid), so that a test

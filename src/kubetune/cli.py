@@ -5,10 +5,13 @@ Only PyYAML, pydantic and click are imported at start-up; torch and friends load
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -97,6 +100,53 @@ def _local_gpus() -> int:
     return int(torch.cuda.device_count())
 
 
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def run_forwarding_signals(argv: list[str], env: dict[str, str]) -> int:
+    """Run the trainer in its own session and wait for it, as a terminal user expects of Ctrl-C.
+
+    The first SIGINT/SIGTERM (or SIGHUP: the terminal closed) is forwarded once to the trainer's process
+    group, which then saves a checkpoint at the end of the current step and exits (143); the second kills
+    it at once (SIGKILL). Returns the trainer's exit code (128 + N when a signal N killed it)."""
+    proc: subprocess.Popen[bytes] | None = None
+    stops = 0
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stops
+        stops += 1
+        if proc is None:
+            return  # not started yet: forwarded right after the start
+        if stops == 1:
+            click.echo(
+                "\nkubetune: stopping: the trainer saves a checkpoint at the end of this step, then exits "
+                "(Ctrl-C again kills it at once, without a checkpoint)",
+                err=True,
+            )
+            _signal_group(proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+        else:
+            click.echo("kubetune: killing the trainer", err=True)
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        # Its own session: a Ctrl-C in the terminal reaches this process only, and is forwarded once.
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        if stops:
+            _signal_group(proc.pid, signal.SIGTERM if stops == 1 else signal.SIGKILL)
+        code = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:  # this process is going away: so does the trainer
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--local", is_flag=True, help="Train on this machine (CPU or its GPUs).")
@@ -105,37 +155,65 @@ def _local_gpus() -> int:
     "--output",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder (default: out/<job name>). Rerunning resumes from its last checkpoint.",
+    help="Output folder (default: out/<job name>); the run writes to <output>/runs/<name>-<spec hash>/. "
+    "Rerunning the same spec resumes from its last checkpoint.",
 )
 @click.option("--gpus", type=int, default=None, help="GPUs to use (default: all visible; 0 = CPU).")
 def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     """Run the trainer on FILE, exactly as a cluster Job would.
 
     With --local it trains here through `accelerate launch`, shows progress, and writes the adapter,
-    tokenizer, model card, metrics and samples to the output folder.
+    tokenizer, model card, metrics and samples to the run's folder under the output folder. Ctrl-C
+    saves a checkpoint at the end of the current step and stops (exit code 143); running the same
+    command again resumes. Ctrl-C twice stops at once.
     """
     if not local:
         raise click.UsageError(
             "only local runs are built in: add --local, "
             "or `kubectl apply -f FILE` with the operator installed"
         )
+    from kubetune import contract
     from kubetune.launch import accelerate_argv
+    from kubetune.trainer.errors import SpecError
+    from kubetune.trainer.layout import run_dir, run_name
 
     job = _load_or_exit(file)
     out = Path(output or Path("out") / job.metadata.name).resolve()
+    try:
+        folder = run_dir(out, run_name(job))
+    except SpecError as e:
+        raise click.ClickException(str(e)) from None
     count = _local_gpus() if gpus is None else gpus
     env = {
         **os.environ,
-        "KUBETUNE_SPEC": str(Path(file).resolve()),
-        "KUBETUNE_NUM_NODES": "1",
-        "KUBETUNE_GPUS_PER_NODE": str(count),
-        "KUBETUNE_DISTRIBUTED": job.spec.training.distributed,
+        contract.ENV_SPEC: str(Path(file).resolve()),
+        contract.ENV_NUM_NODES: "1",
+        contract.ENV_GPUS_PER_NODE: str(count),
+        contract.ENV_DISTRIBUTED: job.spec.training.distributed,
     }
     argv = accelerate_argv(env, ["--output", str(out)])
     # Use this interpreter and the launcher beside it (a venv's bin/ need not be on PATH).
     argv[0] = sys.executable if argv[0] == "python" else str(Path(sys.executable).with_name(argv[0]))
-    click.echo(f"kubetune: training {job.metadata.name} on {count or 'no'} GPU(s) -> {out}", err=True)
-    sys.exit(subprocess.call(argv, env=env))
+    click.echo(f"kubetune: training {job.metadata.name} on {count or 'no'} GPU(s)", err=True)
+    click.echo(f"kubetune: run folder: {folder}", err=True)
+    code = run_forwarding_signals(argv, env)
+    if code == contract.Exit.OK:
+        click.echo(f"kubetune: done: {folder}", err=True)
+    elif code == contract.Exit.PREEMPTED:
+        from kubetune.trainer.resume import find_resume_checkpoint
+
+        checkpoint, _ = find_resume_checkpoint(folder / "checkpoints")
+        if checkpoint is not None:
+            click.echo(
+                f"kubetune: stopped with a checkpoint in {checkpoint}; run the same command again to resume",
+                err=True,
+            )
+        else:
+            click.echo("kubetune: stopped before the first checkpoint was saved", err=True)
+    else:
+        reason = contract.REASON_BY_EXIT.get(code, "error")
+        click.echo(f"kubetune: the trainer failed (exit code {code}, {reason}); see {folder}", err=True)
+    sys.exit(code)
 
 
 @main.command()
@@ -158,6 +236,19 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     envvar="POD_NAMESPACE",
     help="Namespace of the Lease (default: $POD_NAMESPACE).",
 )
+@click.option(
+    "--image-pull-grace",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a trainer image may fail to pull before the run fails (ImagePullFailed).",
+)
+@click.option(
+    "--secret-precheck/--no-secret-precheck",
+    default=True,
+    show_default=True,
+    help="Check that the Hub token Secret exists (metadata only) before creating a run.",
+)
 def operator(
     kubeconfig: str | None,
     namespace: str | None,
@@ -168,6 +259,8 @@ def operator(
     metrics_addr: str | None,
     leader_elect: bool,
     leader_election_namespace: str | None,
+    image_pull_grace: float,
+    secret_precheck: bool,
 ) -> None:
     """Run the operator: reconcile FineTuneJobs into trainer Jobs and mirror their state."""
     try:
@@ -189,7 +282,14 @@ def operator(
 
         identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         elector = LeaderElector(api_client, leader_election_namespace, identity)
-    op = Operator(Kube(api_client), namespace=namespace, workers=workers, image=image)
+    op = Operator(
+        Kube(api_client),
+        namespace=namespace,
+        workers=workers,
+        image=image,
+        image_pull_grace=image_pull_grace,
+        secret_precheck=secret_precheck,
+    )
     sys.exit(op.run_forever(health_addr=health_addr, metrics_addr=metrics_addr, elector=elector))
 
 

@@ -4,43 +4,67 @@
 prints exactly what the operator applies, and golden-file tests pin it.
 
 Objects of one run share one name, `<job name>-<spec hash>`: a spec edit gives a new run (a new Job),
-re-applying the same spec gives the same names, so nothing is created twice.
+re-applying the same spec gives the same names, so nothing is created twice. The workspace claim is the
+FineTuneJob's, `<job name>-workspace`, shared by its runs. Names, labels, env variables and exit codes
+that cross into the trainer are kubetune.contract's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from typing import Any
 
 import yaml
 
 from kubetune import __version__
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune.contract import (
+    ANNOTATION_SPEC_HASH,
+    ENV_DISTRIBUTED,
+    ENV_GPUS_PER_NODE,
+    ENV_HF_TOKEN,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NUM_NODES,
+    ENV_RUN,
+    ENV_SPEC,
+    ENV_TERMINATION_LOG,
+    ENV_WORKDIR,
+    FAIL_FAST_EXIT_CODES,
+    LABEL_JOB,
+    LABEL_QUEUE,
+    LABEL_RUN,
+    RENDEZVOUS_PORT,
+    SPEC_FILE,
+    SPEC_MOUNT,
+    TERMINATION_LOG,
+    TRAINER_UID,
+    Exit,
+)
 
 DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
-SPEC_MOUNT = "/etc/kubetune"
-SPEC_FILE = "job.yaml"
-RENDEZVOUS_PORT = 29500
-TRAINER_UID = 1000  # USER of the trainer image (Dockerfile)
+CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Time for the trainer to write a checkpoint after SIGTERM (preemption, suspend, spec edit).
 TERMINATION_GRACE_SECONDS = 300
-
-LABEL_JOB = "kubetune.io/finetunejob"
-LABEL_RUN = "kubetune.io/run"
-ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
-# The trainer reports its progress.json on its own Pod under this annotation; the operator reads it.
-ANNOTATION_PROGRESS = "kubetune.io/progress"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+WORKSPACE_SUFFIX = "-workspace"
 
 
 def spec_hash(job: FineTuneJob) -> str:
     """Identity of a run: the spec as written, minus runPolicy (suspend, deadlines, TTL and queue
-    steer the run, they do not make it a different run). Defaults are left out, so writing a default
-    explicitly, or a kubetune upgrade that adds a field, never starts a new run."""
-    spec = job.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude={"run_policy"})
+    steer the run, they do not make it a different run) and storage.reclaimPolicy (what happens to the
+    workspace when the FineTuneJob goes). Defaults are left out, so writing a default explicitly, or a
+    kubetune upgrade that adds a field, never starts a new run."""
+    spec = job.spec.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude_defaults=True,
+        exclude={"run_policy": True, "storage": {"reclaim_policy"}},
+    )
+    spec = {k: v for k, v in spec.items() if v != {}}  # a section left empty by the exclusions
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -50,18 +74,51 @@ def run_name(job: FineTuneJob) -> str:
     return f"{job.metadata.name[:54].rstrip('-')}-{spec_hash(job)[:8]}"
 
 
-def labels(job: FineTuneJob) -> dict[str, str]:
+def workspace_claim(job: FineTuneJob) -> str | None:
+    """The PersistentVolumeClaim mounted as the workspace: the one named in the spec, the one
+    kubetune creates (`<name>-workspace`, one per FineTuneJob, shared by its runs), or None for an
+    emptyDir."""
+    storage = job.spec.storage
+    if storage.ephemeral:
+        return None
+    return storage.claim_name or f"{job.metadata.name}{WORKSPACE_SUFFIX}"
+
+
+def output_path(job: FineTuneJob) -> str:
+    """The folder the run writes into: `<output.path>/runs/<run name>` (relative output paths start
+    at the workspace's mount path, as the trainer resolves them)."""
+    root = posixpath.join(job.spec.storage.mount_path, job.spec.output.path)
+    return posixpath.join(posixpath.normpath(root), "runs", run_name(job))
+
+
+def _owner(job: FineTuneJob) -> list[dict[str, Any]]:
+    if not job.metadata.uid:
+        return []
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": job.metadata.name,
+            "uid": job.metadata.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def labels(job: FineTuneJob, *, run: bool = True) -> dict[str, str]:
     out = {
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/instance": job.metadata.name,
-        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/component": "trainer" if run else "workspace",
         "app.kubernetes.io/managed-by": "kubetune",
         "app.kubernetes.io/version": __version__,
         LABEL_JOB: job.metadata.name,
-        LABEL_RUN: run_name(job),
     }
-    if job.spec.run_policy.queue_name:
-        out[LABEL_QUEUE] = job.spec.run_policy.queue_name
+    if run:
+        out[LABEL_RUN] = run_name(job)
+        if job.spec.run_policy.queue_name:
+            out[LABEL_QUEUE] = job.spec.run_policy.queue_name
     return out
 
 
@@ -71,17 +128,9 @@ def _metadata(job: FineTuneJob, name: str) -> dict[str, Any]:
         meta["namespace"] = job.metadata.namespace
     meta["labels"] = labels(job)
     meta["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(job)}
-    if job.metadata.uid:
-        meta["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": job.metadata.name,
-                "uid": job.metadata.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+    owner = _owner(job)
+    if owner:
+        meta["ownerReferences"] = owner
     return meta
 
 
@@ -125,26 +174,59 @@ def render_service(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
+def render_claim(job: FineTuneJob) -> dict[str, Any] | None:
+    """The workspace PersistentVolumeClaim kubetune creates, or None (storage.claimName names an
+    existing one, or storage.ephemeral asks for an emptyDir). One per FineTuneJob, not per run, so a
+    new run (a spec edit) finds the model and data caches of the last one. Owned by the FineTuneJob
+    (deleted with it) unless reclaimPolicy is Retain."""
+    storage = job.spec.storage
+    if not storage.creates_claim:
+        return None
+    meta: dict[str, Any] = {"name": workspace_claim(job)}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    meta["labels"] = labels(job, run=False)
+    owner = _owner(job) if storage.reclaim_policy == "Delete" else []
+    if owner:
+        meta["ownerReferences"] = owner
+    # Every pod of a multi-node run mounts it, each on its own node.
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany" if job.spec.resources.nodes > 1 else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name:
+        spec["storageClassName"] = storage.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
 def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
     spec = job.spec
     res = spec.resources
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_SPEC", "value": f"{SPEC_MOUNT}/{SPEC_FILE}"},
-        {"name": "KUBETUNE_NUM_NODES", "value": str(res.nodes)},
-        {"name": "KUBETUNE_GPUS_PER_NODE", "value": str(res.gpus_per_node)},
-        {"name": "KUBETUNE_DISTRIBUTED", "value": spec.training.distributed},
-        {"name": "KUBETUNE_MASTER_ADDR", "value": f"{name}-0.{name}" if res.nodes > 1 else "127.0.0.1"},
-        {"name": "KUBETUNE_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "KUBETUNE_WORKDIR", "value": spec.storage.mount_path},
+        {"name": ENV_SPEC, "value": f"{SPEC_MOUNT}/{SPEC_FILE}"},
+        {"name": ENV_RUN, "value": name},
+        {"name": ENV_NUM_NODES, "value": str(res.nodes)},
+        {"name": ENV_GPUS_PER_NODE, "value": str(res.gpus_per_node)},
+        {"name": ENV_DISTRIBUTED, "value": spec.training.distributed},
+        {"name": ENV_MASTER_ADDR, "value": f"{name}-0.{name}" if res.nodes > 1 else "127.0.0.1"},
+        {"name": ENV_MASTER_PORT, "value": str(RENDEZVOUS_PORT)},
+        {"name": ENV_WORKDIR, "value": spec.storage.mount_path},
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
+        # Model and dataset downloads are cached on the workspace: a replaced pod does not fetch again.
         {"name": "HF_HOME", "value": f"{spec.storage.mount_path}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        # The trainer reports progress on its own Pod (kubetune.io/progress) for `kubectl get ftj`.
-        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "KUBETUNE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     if spec.output.hub is not None:
         ref = spec.output.hub.token.secret_key_ref
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        # Optional: a missing Secret starts the container anyway, and the trainer exits with
+        # Exit.SECRET_MISSING and says which Secret to create (a required one would leave the pod in
+        # CreateContainerConfigError, holding its GPUs, with no reason on the FineTuneJob).
+        env.append(
+            {
+                "name": ENV_HF_TOKEN,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}},
+            }
+        )
     return env
 
 
@@ -154,6 +236,13 @@ def _pod_metadata(job: FineTuneJob) -> dict[str, Any]:
     if extra.annotations:
         meta["annotations"] = dict(extra.annotations)
     return meta
+
+
+def _workspace_volume(job: FineTuneJob) -> dict[str, Any]:
+    claim = workspace_claim(job)
+    if claim is None:
+        return {"name": "workspace", "emptyDir": {}}
+    return {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}}
 
 
 def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
@@ -167,7 +256,7 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
     if res.gpus_per_node:
         requests[GPU_RESOURCE] = str(res.gpus_per_node)
     container: dict[str, Any] = {
-        "name": "trainer",
+        "name": CONTAINER,
         "image": spec.image or image or DEFAULT_IMAGE,
         "command": ["python", "-m", "kubetune.launch"],
         "env": _env(job, name),
@@ -177,15 +266,14 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
             {"name": "workspace", "mountPath": spec.storage.mount_path},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
+        # The trainer writes why it failed (contract.termination_message) to this file; a crash that
+        # leaves none still explains itself through the end of its log.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if res.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
-    workspace: dict[str, Any] = {"name": "workspace"}
-    if spec.storage.claim_name:
-        workspace["persistentVolumeClaim"] = {"claimName": spec.storage.claim_name}
-    else:
-        workspace["emptyDir"] = {}
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
     if res.gpus_per_node:
         tolerations.insert(0, {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
@@ -195,6 +283,8 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        # The trainer talks to no API server: progress travels through its log, which the operator reads.
+        "automountServiceAccountToken": False,
         # The trainer image's user; fsGroup makes a root-owned PersistentVolumeClaim writable to it.
         "securityContext": {
             "runAsNonRoot": True,
@@ -206,7 +296,7 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
         "containers": [container],
         "volumes": [
             {"name": "spec", "configMap": {"name": name}},
-            workspace,
+            _workspace_volume(job),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
         ],
     }
@@ -219,15 +309,41 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
     job_spec: dict[str, Any] = {
-        "suspend": policy.suspend,
+        # With a queue, Kueue admits the Job by setting suspend to false: it is created suspended, and
+        # from then on its suspend field is Kueue's (runPolicy.suspend is ignored).
+        "suspend": bool(policy.queue_name) or policy.suspend,
         "backoffLimit": policy.backoff_limit,
         # One pod per node; Indexed gives each a stable hostname and JOB_COMPLETION_INDEX (its rank).
         "completionMode": "Indexed",
         "completions": res.nodes,
         "parallelism": res.nodes,
-        # A preempted or evicted pod is not a failure: it is replaced and resumes from its checkpoint.
         "podFailurePolicy": {
-            "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+            "rules": [
+                # A preempted or evicted pod is not a failure: it is replaced and resumes from its
+                # checkpoint.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # Nor is a trainer that saved a checkpoint on SIGTERM and exited (Exit.PREEMPTED): a pod
+                # deleted by a suspend, or stopped without a DisruptionTarget condition. Counted, these
+                # would use up runPolicy.backoffLimit (a suspend per retry) without anything failing.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [int(Exit.PREEMPTED)],
+                    },
+                },
+                # Errors a retry cannot fix (invalid spec, bad dataset, missing Secret, CUDA out of
+                # memory, ...) end the run at once instead of using up runPolicy.backoffLimit.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [int(c) for c in FAIL_FAST_EXIT_CODES],
+                    },
+                },
+            ]
         },
         "template": {"metadata": _pod_metadata(job), "spec": pod_spec},
     }
@@ -239,8 +355,11 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
 
 
 def render(job: FineTuneJob, image: str | None = None) -> list[dict[str, Any]]:
-    """Every object of the run, in the order they should be applied."""
-    objects = [render_configmap(job)]
+    """Every object of the run, in the order they should be applied: the workspace claim (when
+    kubetune creates one), the ConfigMap, the headless Service (multi-node) and the Job."""
+    claim = render_claim(job)
+    objects = [claim] if claim is not None else []
+    objects.append(render_configmap(job))
     if job.spec.resources.nodes > 1:
         objects.append(render_service(job))
     objects.append(render_job(job, image))

@@ -1,7 +1,10 @@
-"""Fixtures for the end-to-end tests against a real control plane (see tests/e2e/controlplane.py).
+"""Fixtures for the end-to-end tests against a real control plane (see tests/e2e/controlplane.py), and
+its one real node (tests/e2e/node.py).
 
 The first run builds the binaries from the Go module proxy (about 10 minutes on 2 cores; cached outside
-the repository after). Without Go the tests FAIL, loudly: set KUBETUNE_SKIP_E2E=1 to skip them instead.
+the repository after), and the first test that asks for `real_node` builds the images (minutes more).
+Without Go, or without what the node needs, the tests FAIL, loudly: set KUBETUNE_SKIP_E2E=1 to skip
+them instead.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import node
 import pytest
 from controlplane import ControlPlane, ControlPlaneError, build, is_built, poll, start, stop
+from node import RealNode, VolumeProvisioner
 
 SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
 E2E_DIR = Path(__file__).resolve().parent
@@ -52,7 +57,19 @@ def pytest_runtest_makereport(
                 report.sections.append(("control plane", cp.dump([ns] if isinstance(ns, str) else [])))
             except Exception as e:  # a dump must never hide the failure itself
                 report.sections.append(("control plane", f"could not dump the cluster: {e!r}"))
+        real = funcargs.get("real_node")
+        if isinstance(real, RealNode):
+            try:
+                report.sections.append(("real node", real.dump()))
+            except Exception as e:
+                report.sections.append(("real node", f"could not dump the node: {e!r}"))
     return report
+
+
+def _shown(pytestconfig: pytest.Config) -> contextlib.AbstractContextManager[object]:
+    """Lets a long step's own output through to the terminal, rather than seem hung."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    return capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +84,7 @@ def control_plane(
             build()
         else:
             # A cold build takes about 10 minutes on 2 cores: show its progress rather than seem hung.
-            capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            with _shown(pytestconfig):
                 print("\nbuilding the e2e control plane from source (once; cached after)", file=sys.stderr)
                 build(stream=True)
     except ControlPlaneError as e:
@@ -80,10 +96,66 @@ def control_plane(
         cp = start(directory, owner_pid=os.getpid())
     except ControlPlaneError as e:
         pytest.fail(str(e), pytrace=False)
+    # The default StorageClass and its provisioner, for the whole session: PVCs bind for pods on the
+    # KWOK nodes and on the real node alike (hostPath volumes under the real node's folder).
+    provisioner = VolumeProvisioner(cp, directory / "node" / "volumes")
     try:
+        provisioner.install()
         yield cp
     finally:
+        provisioner.stop()
         stop(directory)
+
+
+@pytest.fixture(scope="session")
+def real_node(control_plane: ControlPlane, pytestconfig: pytest.Config) -> Iterator[RealNode]:
+    """The one real node, `localhost`: containerd and a kubelet running the trainer, operator and
+    faults images built from this checkout (RealNode.trainer_image...). Only pods that carry
+    RealNode.placement (its tolerations and node_selector) land there; the KWOK nodes keep the rest."""
+    missing = node.missing_prerequisites()
+    if missing:
+        pytest.fail(
+            f"the real e2e node needs {'; and '.join(missing)} (set KUBETUNE_SKIP_E2E=1 to skip)",
+            pytrace=False,
+        )
+    # The images this session built or found: what the node runs, even if someone edits src/ meanwhile.
+    names = control_plane.dir / "node-images.env"
+    try:
+        if node.images_built():
+            node.build_images(names)
+        else:
+            # A cold build downloads and installs the trainer stack (~5 GB): minutes, shown as it goes.
+            with _shown(pytestconfig):
+                print(
+                    "\nbuilding the e2e node's images (once per source change; cached after)", file=sys.stderr
+                )
+                node.build_images(names, stream=True)
+    except ControlPlaneError as e:  # NodeError, or a timeout
+        pytest.fail(
+            f"cannot build the e2e node's images (set KUBETUNE_SKIP_E2E=1 to skip): {e}", pytrace=False
+        )
+    try:
+        # Shown: the first import of the images into containerd takes minutes.
+        with _shown(pytestconfig):
+            real = node.start(control_plane, names, owner_pid=os.getpid(), stream=True)
+    except ControlPlaneError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield real
+    finally:
+        node.stop(control_plane.dir)
+
+
+CRD = Path(__file__).resolve().parents[2] / "manifests" / "crd" / "kubetune.io_finetunejobs.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd(control_plane: ControlPlane) -> None:
+    """The FineTuneJob CRD, installed as a user would (server-side apply) and Established."""
+    control_plane.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io", check=True
+    )
 
 
 @pytest.fixture

@@ -43,9 +43,9 @@ def _env() -> dict[str, str]:
 
 
 def _run_script(
-    *args: str, timeout: float, env: Mapping[str, str] | None = None
+    *args: str, timeout: float, env: Mapping[str, str] | None = None, script: Path = SCRIPT
 ) -> subprocess.CompletedProcess[str]:
-    cmd = ["bash", str(SCRIPT), *args]
+    cmd = ["bash", str(script), *args]
     try:
         return subprocess.run(
             cmd,
@@ -62,7 +62,16 @@ def _run_script(
         raise ControlPlaneError(f"{shlex.join(cmd)} timed out after {timeout:.0f} s\n{out}{err}") from e
 
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+# kubelet: the real node's (tests/e2e/node.py), built with the rest.
+BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+    "kwok",
+)
 
 
 def is_built() -> bool:

@@ -4,7 +4,7 @@ The chart is `helm install`ed (helm built from the Go module proxy by hack/helm/
 operator runs in-process, as in test_operator.py, but with the chart's ServiceAccount credentials: a
 token from the TokenRequest API. A FineTuneJob that exercises every verb the operator uses (create,
 suspend, edit, finish) reaching Succeeded shows the RBAC grants enough; SelfSubjectRulesReview and
-refused requests (Secrets anywhere, writes the operator never makes) show it grants nothing more.
+refused requests (listing Secrets, writes the operator never makes) show it grants nothing more.
 No Deployment pod runs here (no replicaset controller, and no image): the operator's code is the
 same either way.
 """
@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the expected grants are defined once,
 from test_chart import LEADER_ELECTION_RULES, OPERATOR_RULES, Rule, expand  # noqa: E402
 
 CHART = ROOT / "charts" / "kubetune"
-CRD = ROOT / "manifests" / "crd" / "kubetune.io_finetunejobs.yaml"
 BUILD_HELM = ROOT / "hack" / "helm" / "build.sh"
 LEASE = "kubetune-operator"
 SLOW = {"pod-complete.stage.kwok.x-k8s.io/delay": "600s"}  # stays Running until the spec changes
@@ -107,15 +106,6 @@ def helm(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
     return Helm(binary, tmp_path_factory.mktemp("helm-home"), control_plane.kubeconfig)
 
 
-@pytest.fixture(scope="module")
-def crd(control_plane: ControlPlane) -> None:
-    """The CRD as other e2e tests install it (server-side apply); the release leaves it alone."""
-    control_plane.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io", check=True
-    )
-
-
 def create_namespace(cp: ControlPlane, name: str, labels: dict[str, str] | None = None) -> None:
     doc = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
     cp.kubectl("create", "-f", "-", input=json.dumps(doc), check=True)
@@ -168,8 +158,8 @@ def release(
             "--from-literal=token=x",
             check=True,
         )
-        # Everything optional on: leader election, metrics, trainer RBAC. The CRD is already installed
-        # (without Helm's ownership), so the release must not take it over.
+        # Everything optional on: leader election, metrics (and the Secret pre-check, on by default). The
+        # CRD is already installed (without Helm's ownership), so the release must not take it over.
         helm(
             "install",
             name,
@@ -178,7 +168,6 @@ def release(
             "--set=crds.enabled=false",
             "--set=replicaCount=2,leaderElection.enabled=true",
             "--set=metrics.enabled=true",
-            f"--set=trainerRBAC.namespaces={{{watched}}}",
         )
         manifest = helm("get", "manifest", name, f"--namespace={ns}").stdout
         [sa] = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "ServiceAccount"]
@@ -267,8 +256,6 @@ def test_helm_install_creates_the_release(control_plane: ControlPlane, helm: Hel
         ("service", f"{full}-metrics", release.namespace),
         ("role", f"{full}-leader-election", release.namespace),
         ("rolebinding", f"{full}-leader-election", release.namespace),
-        ("role", f"{full}-trainer", release.watched),
-        ("rolebinding", f"{full}-trainer", release.watched),
         ("clusterrole", full, None),
         ("clusterrolebinding", full, None),
     ]:
@@ -356,6 +343,12 @@ def test_operator_with_the_charts_credentials_runs_a_job_to_success(
         first = running["jobName"]
         assert cp.kubectl("get", "service", first, f"--namespace={ns}").returncode == 0
         assert cp.kubectl("get", "configmap", first, f"--namespace={ns}").returncode == 0
+        # The workspace claim (create, get): shared by both pods, so ReadWriteMany.
+        claim = cp.get("persistentvolumeclaim", "installed-workspace", f"--namespace={ns}")
+        assert (
+            claim["spec"]["accessModes"] == ["ReadWriteMany"]
+            and running["workspaceClaim"] == "installed-workspace"
+        )
 
         # Suspend: the operator patches its Job.
         paused = copy.deepcopy(body)
@@ -400,10 +393,10 @@ def rules_review(kubeconfig: Path, namespace: str) -> set[Rule]:
 
 def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release) -> None:
     cp = control_plane
-    # Secrets: nowhere, not even where the FineTuneJobs (and their Hub tokens) live.
+    # Secrets: never listed or watched anywhere. `get` is granted for the metadata-only check that a
+    # FineTuneJob's Hub token Secret exists (secretPreCheck.enabled, the default).
     for args in (
         ["get", "secrets", f"--namespace={release.other}"],
-        ["get", "secret", "hf-token", f"--namespace={release.other}"],
         ["get", "secrets", f"--namespace={release.watched}"],
         ["get", "secrets", "--all-namespaces"],
     ):
@@ -433,12 +426,20 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("delete", "jobs.batch", w),
         ("watch", "pods", "--all-namespaces"),
         ("create", "configmaps", w),
+        ("create", "persistentvolumeclaims", w),
+        ("get", "pods", "--subresource=log", w),
+        ("get", "secrets", w),
         ("create", "events", w),
         ("update", f"leases.coordination.k8s.io/{LEASE}", f"--namespace={release.namespace}"),
     ]
     refused = [
-        ("get", "secrets", "--all-namespaces"),
+        ("list", "secrets", "--all-namespaces"),
         ("list", "secrets", w),
+        ("watch", "secrets", w),
+        ("update", "secrets", w),
+        ("list", "persistentvolumeclaims", w),
+        ("update", "persistentvolumeclaims", w),
+        ("create", "pods", "--subresource=exec", w),
         ("create", "pods", w),
         ("delete", "pods", w),
         ("patch", "pods", w),
@@ -585,20 +586,18 @@ def test_the_charts_operator_command_runs_with_its_credentials(
     cp.kubectl("delete", "lease", LEASE, f"--namespace={ns}", "--ignore-not-found", check=True)
 
 
-def test_trainer_rbac_lets_trainer_pods_patch_pods_in_their_namespace_only(
-    control_plane: ControlPlane, release: Release
-) -> None:
-    def can(verb: str, ns: str, sa: str = "default") -> bool:
+def test_trainer_pods_get_no_grant(control_plane: ControlPlane, release: Release) -> None:
+    """Trainer pods run as their namespace's default ServiceAccount, without a token; the chart grants
+    that account nothing (progress travels through the trainer's log, which the operator reads)."""
+
+    def can(verb: str, resource: str, ns: str) -> bool:
         proc = control_plane.kubectl(
-            "auth", "can-i", verb, "pods", f"--namespace={ns}", f"--as=system:serviceaccount:{ns}:{sa}"
+            "auth", "can-i", verb, resource, f"--namespace={ns}", f"--as=system:serviceaccount:{ns}:default"
         )
         return proc.stdout.strip() == "yes"
 
-    assert can("patch", release.watched)
-    assert not can("patch", release.other)  # not listed in trainerRBAC.namespaces
-    assert not can("patch", release.watched, sa="someone-else")
-    assert not can("get", release.watched)
-    assert not can("delete", release.watched)
+    for verb, resource in (("patch", "pods"), ("get", "pods"), ("get", "secrets"), ("create", "events")):
+        assert not can(verb, resource, release.watched), (verb, resource)
 
 
 def test_helm_uninstall_keeps_no_grant(control_plane: ControlPlane, helm: Helm, crd: None) -> None:

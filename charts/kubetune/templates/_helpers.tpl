@@ -65,7 +65,13 @@ app.kubernetes.io/part-of: kubetune
 {{/*
 Every API call the operator makes (src/kubetune/controller/kube.py), and nothing more. Shared by the
 ClusterRole and, with watchNamespace, the namespaced Role. tests/test_chart.py pins this exact set, and
-manifests/base/rbac.yaml must grant the same.
+manifests/base/rbac.yaml must grant the same (with secretPreCheck on).
+- pods/log get: the progress lines at the end of rank 0's trainer log (trainer pods have no API access);
+- persistentvolumeclaims: the per-FineTuneJob workspace claim (get, create; patch for its owner
+  reference, which follows storage.reclaimPolicy; delete when the API server refuses the run);
+- secrets get (secretPreCheck.enabled): whether the Hub token Secret exists before a run is created. The
+  operator asks for metadata only (PartialObjectMetadata), but RBAC cannot tell the two apart: the grant
+  would let it read Secret data too. Turn it off and a missing Secret is reported by the trainer instead.
 */}}
 {{- define "kubetune.operatorRules" -}}
 - apiGroups: ["kubetune.io"]
@@ -81,8 +87,19 @@ manifests/base/rbac.yaml must grant the same.
   resources: ["pods"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+- apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["create", "delete"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- if .Values.secretPreCheck.enabled }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -27,6 +27,10 @@ CRD_COPIES = (
 )
 SCHEMA_PATH = Path("manifests/schema/finetunejob.schema.json")
 README_PATH = Path("README.md")
+# Argo CD's health check: gitops/argocd/health.lua, and the argocd-cm patch that carries it verbatim.
+HEALTH_LUA_PATH = Path("gitops/argocd/health.lua")
+ARGOCD_CM_PATH = Path("gitops/argocd/argocd-cm-patch.yaml")
+ARGOCD_CM_KEY = f"  resource.customizations.health.{api.GROUP}_{api.KIND}: |\n"
 REFERENCE_BEGIN = "<!-- BEGIN GENERATED: FineTuneJob reference (make generate) -->"
 REFERENCE_END = "<!-- END GENERATED: FineTuneJob reference -->"
 
@@ -129,9 +133,11 @@ def crd_schema() -> dict[str, Any]:
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Loss", "type": "string", "jsonPath": ".status.loss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.eta"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.id", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -264,6 +270,13 @@ def splice_reference(readme: str) -> str:
     return readme[: begin + len(REFERENCE_BEGIN)] + "\n\n" + reference_markdown() + "\n" + readme[end:]
 
 
+def splice_health_check(patch: str, script: str) -> str:
+    """The argocd-cm patch with its health-check block replaced by `script`, indented as a YAML
+    block scalar (the block is the file's last key)."""
+    head = patch[: patch.index(ARGOCD_CM_KEY) + len(ARGOCD_CM_KEY)]
+    return head + "".join(f"    {line}" if line.strip() else "\n" for line in script.splitlines(True))
+
+
 def outputs(root: Path) -> dict[Path, str]:
     """Every generated file and the content it must have."""
     crd_yaml = render_crd_yaml()
@@ -272,6 +285,9 @@ def outputs(root: Path) -> dict[Path, str]:
         **{root / copy: crd_yaml for copy in CRD_COPIES},
         root / SCHEMA_PATH: render_schema_json(),
         root / README_PATH: splice_reference((root / README_PATH).read_text()),
+        root / ARGOCD_CM_PATH: splice_health_check(
+            (root / ARGOCD_CM_PATH).read_text(), (root / HEALTH_LUA_PATH).read_text()
+        ),
     }
 
 

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from kubetune.contract import Phase
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -572,8 +574,9 @@ class OutputSpec(_Model):
     )
 
     path: str = Field(default="/workspace/output", min_length=1)
-    """Output folder inside the trainer container (checkpoints live under it, so put it on a
-    persistent volume to survive preemption)."""
+    """Output folder inside the trainer container, on the workspace volume by default (a relative
+    path starts at `storage.mountPath`). Each run writes into a folder of its own,
+    `<path>/runs/<run name>` (`status.outputPath`), checkpoints included."""
     hub: HubOutput | None = None
     """Also push to the Hub."""
     push_adapter: bool = True
@@ -600,14 +603,71 @@ class SamplesSpec(_Model):
     temperature: float = Field(default=1.0, gt=0)
 
 
-class StorageSpec(_Model):
-    """A volume mounted at `mountPath` in every trainer Pod."""
+DEFAULT_STORAGE_SIZE = "50Gi"
 
-    claim_name: str | None = Field(default=None, pattern=K8S_NAME_RE)
-    """PersistentVolumeClaim to mount. Unset: an emptyDir, which does not survive the Pod (no resume
-    after preemption)."""
+
+class StorageSpec(_Model):
+    """The workspace volume, mounted at `mountPath` in every trainer Pod. It holds the model and
+    data caches (`HF_HOME`), checkpoints and each run's output folder, so a replaced Pod resumes
+    from its last checkpoint without downloading anything again. By default kubetune creates a
+    PersistentVolumeClaim `<name>-workspace` for the FineTuneJob (ReadWriteOnce; ReadWriteMany when
+    `resources.nodes` > 1)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "cel": [
+                cel(
+                    "!has(self.claimName) || !has(self.ephemeral) || !self.ephemeral",
+                    "set storage.claimName (an existing claim) or storage.ephemeral (an emptyDir), not both",
+                ),
+                cel(
+                    "(!has(self.claimName) && (!has(self.ephemeral) || !self.ephemeral)) "
+                    f"|| ((!has(self.size) || self.size == '{DEFAULT_STORAGE_SIZE}') "
+                    "&& !has(self.storageClassName))",
+                    "set storage.size and storage.storageClassName (the claim kubetune creates) or "
+                    "storage.claimName / storage.ephemeral, not both",
+                ),
+            ]
+        }
+    )
+
+    claim_name: str | None = Field(default=None, pattern=K8S_NAME_RE, max_length=253)
+    """An existing PersistentVolumeClaim to mount instead of the one kubetune creates; kubetune
+    creates nothing and never deletes it."""
     mount_path: str = Field(default="/workspace", pattern=r"^/")
     """Where the volume is mounted."""
+    size: Quantity = Field(default=DEFAULT_STORAGE_SIZE, pattern=QUANTITY_RE)
+    """Size of the claim kubetune creates: room for the base model, the data, checkpoints and
+    outputs."""
+    storage_class_name: str | None = Field(default=None, pattern=K8S_NAME_RE, max_length=253)
+    """StorageClass of the claim kubetune creates. Unset: the cluster's default StorageClass."""
+    ephemeral: bool = False
+    """An emptyDir instead of a claim: nothing is kept, and a replaced Pod (after a preemption)
+    starts from scratch and downloads everything again."""
+    reclaim_policy: Literal["Delete", "Retain"] = "Delete"
+    """What happens to the claim kubetune creates when the FineTuneJob is deleted. `Delete`: it is
+    owned by the FineTuneJob and deleted with it. `Retain`: it is kept (no owner reference), and a
+    FineTuneJob of the same name uses it again."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> StorageSpec:
+        if self.claim_name is not None and self.ephemeral:
+            raise ValueError(
+                "set storage.claimName (an existing claim) or storage.ephemeral (an emptyDir), not both"
+            )
+        if (self.claim_name is not None or self.ephemeral) and (
+            self.size != DEFAULT_STORAGE_SIZE or self.storage_class_name is not None
+        ):
+            raise ValueError(
+                "set storage.size and storage.storageClassName (the claim kubetune creates) or "
+                "storage.claimName / storage.ephemeral, not both"
+            )
+        return self
+
+    @property
+    def creates_claim(self) -> bool:
+        """kubetune creates (and owns, unless Retain) the workspace claim."""
+        return self.claim_name is None and not self.ephemeral
 
 
 class RunPolicy(_Model):
@@ -615,7 +675,7 @@ class RunPolicy(_Model):
 
     suspend: bool = False
     """Pause the run (the Job's Pods are deleted; the run continues from its last checkpoint when
-    resumed)."""
+    resumed). Ignored with `queueName`: Kueue then owns the Job's `suspend`."""
     backoff_limit: int = Field(default=3, ge=0)
     """Pod failures before the run is Failed. Preemptions (`DisruptionTarget`) do not count."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
@@ -623,7 +683,8 @@ class RunPolicy(_Model):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the finished Job after this long (the FineTuneJob and its status stay)."""
     queue_name: str | None = Field(default=None, pattern=K8S_NAME_RE)
-    """Kueue LocalQueue; the Job is then admitted (and suspended until admitted) by Kueue."""
+    """Kueue LocalQueue. The Job is created suspended, with the queue label, and Kueue admits it
+    (state `Queued` until then)."""
 
 
 class PodMetadata(_Model):
@@ -683,7 +744,7 @@ class FineTuneJobSpec(_Model):
 # Status
 # --------------------------------------------------------------------------------------------------
 
-State = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+State = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(_Model):
@@ -705,7 +766,13 @@ class FineTuneJobStatus(_Model):
     model_config = ConfigDict(extra="allow")
 
     state: State | None = None
-    """Pending, Running, Succeeded, Failed or Suspended."""
+    """Pending, Queued (Kueue holds the Job), Running, Suspended, Succeeded or Failed."""
+    phase: Phase | None = None
+    """What the trainer is doing, as it last reported: Loading, Training, Evaluating, Saving,
+    Pushing, Succeeded, Failed or Preempted."""
+    reason: str | None = None
+    """The reason of the condition that explains the state, e.g. `Unschedulable`, `SecretMissing`,
+    `OOMKilled`, `Preempted`."""
     progress: str | None = None
     """Training progress, e.g. `37%`."""
     loss: str | None = None
@@ -716,10 +783,16 @@ class FineTuneJobStatus(_Model):
     total_steps: int | None = None
     restarts: int | None = None
     """Trainer Pods restarted (preemptions and failures); each one resumes from the last checkpoint."""
+    preemptions: int | None = None
+    """Of the restarts, those after a preemption or eviction (not failures: they use up no retries)."""
     job_name: str | None = None
     """The batch/v1 Job of the current run."""
     spec_hash: str | None = None
     """Hash of the spec the current run was started from."""
+    workspace_claim: str | None = None
+    """The PersistentVolumeClaim mounted as the workspace (none with `storage.ephemeral`)."""
+    output_path: str | None = None
+    """Where the current run writes its results: `<output.path>/runs/<run name>`."""
     observed_generation: int | None = None
     start_time: str | None = None
     completion_time: str | None = None

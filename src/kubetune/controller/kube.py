@@ -12,6 +12,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
+from kubetune.contract import PROGRESS_TAIL_BYTES, PROGRESS_TAIL_LINES
 
 log = logging.getLogger("kubetune.operator")
 
@@ -54,6 +55,23 @@ def _json(resp: Any) -> Any:
 
 def is_status(exc: Exception, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own words from a refused request (its Status object's message)."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])[:2000]
+    return f"{exc.status} {exc.reason}"
+
+
+# A metadata-only GET: the API server answers with a PartialObjectMetadata, never the object's data.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# A log read must never hold a worker up: the API server proxies it to the node's kubelet.
+LOG_TIMEOUT_SECONDS = 5
 
 
 class Kube:
@@ -101,12 +119,50 @@ class Kube:
         resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
         return list(_json(resp)["items"])
 
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        read = {"PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim}[kind]
+        try:
+            return _json(read(name, namespace, _preload_content=False))  # type: ignore[no-any-return]
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        """Whether the Secret exists, from its metadata alone (its data never reaches the operator)."""
+        try:
+            resp = self.core.read_namespaced_secret(
+                name, namespace, _headers={"Accept": METADATA_ONLY}, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        # Discarded unread: even metadata may carry a Secret's data (kubectl apply's last-applied annotation).
+        resp.drain_conn()
+        return True
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """The end of a container's log: the last PROGRESS_TAIL_LINES lines, at most
+        PROGRESS_TAIL_BYTES, within LOG_TIMEOUT_SECONDS."""
+        resp = self.core.read_namespaced_pod_log(
+            pod,
+            namespace,
+            container=container,
+            tail_lines=PROGRESS_TAIL_LINES,
+            limit_bytes=PROGRESS_TAIL_BYTES,
+            _request_timeout=LOG_TIMEOUT_SECONDS,
+            _preload_content=False,
+        )
+        return bytes(resp.data).decode("utf-8", errors="replace")
+
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Create `obj`; None when it already exists (creation is idempotent by name)."""
         ns, kind = obj["metadata"]["namespace"], obj["kind"]
         create = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
+            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
             "Job": self.batch.create_namespaced_job,
         }[kind]
         try:
@@ -117,22 +173,37 @@ class Kube:
             raise
         return _json(resp)  # type: ignore[no-any-return]
 
-    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job(name, namespace, patch, field_manager=FIELD_MANAGER)
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A JSON merge patch (lists, such as ownerReferences, are replaced whole)."""
+        call = {
+            "Job": self.batch.patch_namespaced_job,
+            "PersistentVolumeClaim": self.core.patch_namespaced_persistent_volume_claim,
+        }[kind]
+        call(
+            name,
+            namespace,
+            patch,
+            field_manager=FIELD_MANAGER,
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+        ).drain_conn()
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Delete, with the children (pods) going in the background; a missing object is fine."""
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete, with the children (pods) going in the background; False when it was not there."""
         body = client.V1DeleteOptions(propagation_policy="Background")
         delete = {
             "ConfigMap": self.core.delete_namespaced_config_map,
             "Service": self.core.delete_namespaced_service,
+            "PersistentVolumeClaim": self.core.delete_namespaced_persistent_volume_claim,
             "Job": self.batch.delete_namespaced_job,
         }[kind]
         try:
-            delete(name, namespace, body=body)
+            delete(name, namespace, body=body, _preload_content=False).drain_conn()
         except ApiException as e:
             if e.status != 404:
                 raise
+            return False
+        return True
 
     def event(self, ftj: dict[str, Any], type_: str, reason: str, message: str, now: str) -> None:
         meta = ftj["metadata"]

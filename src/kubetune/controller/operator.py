@@ -12,17 +12,18 @@ import threading
 import time
 from typing import Any
 
+from kubetune.contract import LABEL_JOB, MANAGED_BY
 from kubetune.controller.kube import Kube, is_status
 from kubetune.controller.leader import LeaderElector
+from kubetune.controller.plan import DEFAULT_IMAGE_PULL_GRACE_SECONDS
 from kubetune.controller.queue import WorkQueue
 from kubetune.controller.reconcile import Reconciler
 from kubetune.controller.serve import Metrics, serve_health
-from kubetune.render import LABEL_JOB
 
 log = logging.getLogger("kubetune.operator")
 
 WATCH_TIMEOUT_SECONDS = 300
-MANAGED = "app.kubernetes.io/managed-by=kubetune"
+MANAGED = MANAGED_BY
 
 
 class Operator:
@@ -34,11 +35,15 @@ class Operator:
         workers: int = 4,
         image: str | None = None,
         resync_seconds: float = 600.0,
+        image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS,
+        secret_precheck: bool = True,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
         self.workers = workers
-        self.reconciler = Reconciler(kube, image=image)
+        self.reconciler = Reconciler(
+            kube, image=image, image_pull_grace=image_pull_grace, secret_precheck=secret_precheck
+        )
         self.queue = WorkQueue()
         self.resync_seconds = resync_seconds
         self._stop = threading.Event()

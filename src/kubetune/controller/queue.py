@@ -1,5 +1,9 @@
 """A work queue with client-go's semantics: a key is processed by one worker at a time, events that arrive
-while it is processed are folded into one more pass, and failures come back with exponential back-off."""
+while it is processed are folded into one more pass, and failures come back with exponential back-off.
+
+Delayed adds are merged per key: a key has at most one pending timer, the earliest asked for. (Each pass
+asks to be looked at again; without merging, the timers of every pass would stack up, and a key would
+come back as often as it had been processed.)"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ class WorkQueue:
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._delayed: list[tuple[float, int, Hashable]] = []
+        # The one pending timer of each key; heap entries that do not match it are stale.
+        self._due: dict[Hashable, float] = {}
         self._seq = 0
         self._failures: dict[Hashable, int] = {}
         self._base, self._max = base_delay, max_delay
@@ -32,9 +38,14 @@ class WorkQueue:
                 self._cv.notify()
 
     def add_after(self, key: Hashable, delay: float) -> None:
+        """Add `key` after `delay` seconds, unless an earlier timer for it is pending already."""
         with self._cv:
+            due = time.monotonic() + delay
+            if key in self._due and self._due[key] <= due:
+                return
+            self._due[key] = due
             self._seq += 1
-            heapq.heappush(self._delayed, (time.monotonic() + delay, self._seq, key))
+            heapq.heappush(self._delayed, (due, self._seq, key))
             self._cv.notify_all()
 
     def add_rate_limited(self, key: Hashable) -> float:
@@ -56,7 +67,10 @@ class WorkQueue:
             while True:
                 now = time.monotonic()
                 while self._delayed and self._delayed[0][0] <= now:
-                    _, _, key = heapq.heappop(self._delayed)
+                    due, _, key = heapq.heappop(self._delayed)
+                    if self._due.get(key) != due:
+                        continue  # replaced by an earlier timer, which has fired already
+                    del self._due[key]
                     if key not in self._dirty:
                         self._dirty.add(key)
                         if key not in self._processing:
@@ -82,6 +96,10 @@ class WorkQueue:
         with self._cv:
             self._shutdown = True
             self._cv.notify_all()
+
+    def pending_timers(self) -> int:
+        with self._cv:
+            return len(self._due)
 
     def __len__(self) -> int:
         with self._cv:

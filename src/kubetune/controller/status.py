@@ -1,32 +1,36 @@
-"""FineTuneJob status from what the cluster shows: a pure function of the Job, its Pods and the old status.
+"""What the cluster says about one run, in the words of a FineTuneJob's status: pure functions of the
+Job, its Pods, the trainer's log tail and the old status.
 
-No I/O and no clock (`now` is passed in), so every mapping is unit-tested with plain dicts.
+No I/O and no clock (`now` is passed in), so every mapping is unit-tested with plain dicts. The decisions
+built on them (what to create, delete or patch) are kubetune.controller.plan's.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.contract import (
+    REASON_BY_EXIT,
+    Exit,
+    ProgressReport,
+    parse_progress,
+    parse_termination_message,
+)
 from kubetune.durations import format_duration
-from kubetune.render import ANNOTATION_PROGRESS
-
-PROGRESS_ANNOTATION = ANNOTATION_PROGRESS
+from kubetune.render import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything reconcile read about one run."""
-
-    generation: int | None
-    spec_hash: str
-    run_name: str
-    job: dict[str, Any] | None
-    pods: list[dict[str, Any]] = field(default_factory=list)
-    invalid: str | None = None  # the validation message when the spec is invalid
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Container waiting reasons: retried by the kubelet (with back-off), or never going to work.
+IMAGE_PULL_RETRYING = ("ErrImagePull", "ImagePullBackOff")
+IMAGE_PULL_FATAL = ("ErrImageNeverPull", "InvalidImageName")
+# What a condition reason may look like (metav1.Condition); anything else from a pod is not used as one.
+_REASON_RE = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+MESSAGE_MAX = 2000
 
 
 @dataclass(frozen=True)
@@ -36,189 +40,307 @@ class Event:
     message: str
 
 
-def _cond(conditions: list[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Failure:
+    """Why a trainer pod failed, as a condition reason and a message that says what to do."""
+
+    reason: str
+    message: str
+    preempted: bool = False
+    exit_code: int | None = None  # the trainer container's, when it terminated
+    from_trainer: bool = False  # the reason is the trainer's own, from its termination message
+
+
+# --------------------------------------------------------------------------------------------------
+# Small readers
+# --------------------------------------------------------------------------------------------------
+
+
+def cond(conditions: list[dict[str, Any]] | None, kind: str) -> dict[str, Any] | None:
     return next((c for c in conditions or [] if c.get("type") == kind), None)
 
 
-def _is_true(conditions: list[dict[str, Any]] | None, kind: str) -> bool:
-    c = _cond(conditions, kind)
+def is_true(conditions: list[dict[str, Any]] | None, kind: str) -> bool:
+    c = cond(conditions, kind)
     return c is not None and c.get("status") == "True"
 
 
-def job_finished(job: dict[str, Any]) -> bool:
-    conds = job.get("status", {}).get("conditions")
-    return _is_true(conds, "Complete") or _is_true(conds, "Failed")
+def job_conditions(job: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return list(((job or {}).get("status") or {}).get("conditions") or [])
 
 
-def _pod_failure(pods: list[dict[str, Any]]) -> str | None:
-    """A person-readable reason from the newest failed trainer container."""
-    failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
-    failed.sort(key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
-    for pod in reversed(failed):
-        status = pod.get("status", {})
-        for cs in status.get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            if term:
-                parts = [f"container {cs.get('name')} exited with code {term.get('exitCode')}"]
-                if term.get("reason"):
-                    parts.append(f"({term['reason']})")
-                if term.get("message"):
-                    parts.append(f": {str(term['message']).strip()[:500]}")
-                return " ".join(parts).replace(" :", ":")
-        if status.get("reason") or status.get("message"):
-            return f"pod {status.get('reason', 'Failed')}: {status.get('message', '')}".strip()
+def job_succeeded(job: dict[str, Any]) -> bool:
+    return is_true(job_conditions(job), "Complete")
+
+
+def job_failure(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The Job's Failed condition, or FailureTarget (set first, while the last pods stop)."""
+    conds = job_conditions(job)
+    for kind in ("Failed", "FailureTarget"):
+        if is_true(conds, kind):
+            return cond(conds, kind)
     return None
 
 
-def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
+def job_finished(job: dict[str, Any]) -> bool:
+    return job_succeeded(job) or job_failure(job) is not None
+
+
+def deleting(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def created(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def phase(pod: dict[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("phase")
+
+
+def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((cs for cs in statuses if cs.get("name") == CONTAINER), statuses[0] if statuses else {})
+
+
+def preempted(pod: dict[str, Any]) -> bool:
+    """Stopped by a disruption (preemption, eviction, node drain; DisruptionTarget): the Job's
+    podFailurePolicy does not count it as a failure, and the replacement resumes from the last
+    checkpoint."""
+    return is_true((pod.get("status") or {}).get("conditions"), "DisruptionTarget")
+
+
+def running_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in pods if phase(p) == "Running" and not deleting(p)]
+
+
+def failed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed pods, oldest first."""
+    return sorted((p for p in pods if phase(p) == "Failed"), key=created)
+
+
+def newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(pods, key=created) if pods else None
+
+
+def rank0_log_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pod whose log carries the progress lines: rank 0 (completion index 0), with its trainer
+    container running. The newest, when a replacement overlaps the pod it replaces."""
+    candidates = [
+        p
+        for p in running_pods(pods)
+        if (p.get("metadata", {}).get("annotations") or {}).get(INDEX_ANNOTATION, "0") == "0"
+        and "running" in (_trainer_status(p).get("state") or {})
+    ]
+    return max(candidates, key=created) if candidates else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures, with a message that says what to do
+# --------------------------------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int = MESSAGE_MAX) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def secret_missing_message(job: FineTuneJob, namespace: str) -> str:
+    hub = job.spec.output.hub
+    name, key = (hub.token.secret_key_ref.name, hub.token.secret_key_ref.key) if hub else ("?", "token")
+    return (
+        f'the Secret "{name}" with key "{key}" (spec.output.hub.token.secretKeyRef) does not exist in '
+        f"namespace {namespace}: create it with `kubectl create secret generic {name} -n {namespace} "
+        f"--from-literal={key}=<Hugging Face token with write access>`"
+    )
+
+
+def _hint(reason: str, job: FineTuneJob | None) -> tuple[str, str] | None:
+    """(a word the message must already contain, or the hint to add) per reason."""
+    if reason == "CUDAOutOfMemory":
+        return (
+            "perDeviceBatchSize",
+            "lower training.perDeviceBatchSize (raise gradientAccumulationSteps to keep the batch) or "
+            "training.maxSeqLength, keep training.gradientCheckpointing on, or use larger GPUs "
+            "(resources.gpuType)",
+        )
+    if reason == "SecretMissing" and job is not None and job.spec.output.hub is not None:
+        ref = job.spec.output.hub.token.secret_key_ref
+        return (ref.name, f'create the Secret "{ref.name}" with key "{ref.key}" holding the Hub token')
+    if reason == "DatasetError":
+        return ("spec.dataset", "check spec.dataset (id, files, format and its field names)")
+    return None
+
+
+def oom_message(job: FineTuneJob | None) -> str:
+    memory = job.spec.resources.memory if job is not None else None
+    limit = (
+        f"more memory than its limit (resources.memory: {memory})"
+        if memory
+        else "more memory than the node could give it (resources.memory is unset, so none is reserved)"
+    )
+    return (
+        f"the trainer used {limit} and was killed (OOMKilled): raise resources.memory, or lower "
+        "training.perDeviceBatchSize and training.maxSeqLength (smaller batches of shorter rows)"
+    )
+
+
+def pod_failure(pod: dict[str, Any], job: FineTuneJob | None = None) -> Failure:
+    """Why one failed pod failed: its trainer's termination message (contract.termination_message),
+    else the container's termination reason and exit code (contract.REASON_BY_EXIT)."""
+    name = (pod.get("metadata") or {}).get("name", "?")
+    status = pod.get("status") or {}
+    if preempted(pod):
+        dt = cond(status.get("conditions"), "DisruptionTarget") or {}
+        why = ": ".join(str(x) for x in (dt.get("reason"), dt.get("message")) if x)
+        return Failure(
+            "Preempted",
+            f"trainer pod {name} was preempted ({why or 'DisruptionTarget'}); its replacement resumes "
+            "from the last checkpoint",
+            preempted=True,
+        )
+    term = (_trainer_status(pod).get("state") or {}).get("terminated")
+    if not term:
+        detail = ": ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
+        return Failure("TrainerError", _clip(f"trainer pod {name} failed ({detail or 'no reason given'})"))
+    code, treason, text = term.get("exitCode"), term.get("reason"), str(term.get("message") or "")
+    exit_code = code if isinstance(code, int) else None
+    if treason == "OOMKilled":
+        return Failure("OOMKilled", oom_message(job), exit_code=exit_code)
+    parsed = parse_termination_message(text)
+    if parsed is not None and _REASON_RE.match(parsed[0]) and len(parsed[0]) <= 64:
+        reason, message = parsed
+    elif isinstance(code, int) and code in REASON_BY_EXIT:
+        reason = REASON_BY_EXIT[code]
+        message = f"the trainer exited with code {code} ({Exit(code).name.lower().replace('_', ' ')})"
+        if text.strip():
+            message += f"; the end of its log: {text.strip()[-600:]}"
+    else:
+        reason = "TrainerError"
+        message = f"the trainer exited with code {code}" + (f" ({treason})" if treason else "")
+        if text.strip():
+            message += f"; the end of its log: {text.strip()[-600:]}"
+    hint = _hint(reason, job)
+    if hint is not None and hint[0] not in message:
+        message = f"{message.rstrip('.')}: {hint[1]}"
+    return Failure(
+        reason, _clip(message), exit_code=exit_code, from_trainer=parsed is not None and reason == parsed[0]
+    )
+
+
+def last_failure(pods: list[dict[str, Any]], job: FineTuneJob | None = None) -> Failure | None:
+    failed = failed_pods(pods)
+    return pod_failure(failed[-1], job) if failed else None
+
+
+def unschedulable(pods: list[dict[str, Any]]) -> str | None:
     for pod in pods:
-        c = _cond(pod.get("status", {}).get("conditions"), "PodScheduled")
+        if deleting(pod):
+            continue
+        c = cond((pod.get("status") or {}).get("conditions"), "PodScheduled")
         if c and c.get("status") == "False" and c.get("reason") == "Unschedulable":
             return str(c.get("message") or "no node fits the trainer pod")
     return None
 
 
-def _progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The newest progress report of the rank-0 pod (or any pod)."""
-    reports = []
+@dataclass(frozen=True)
+class ImagePull:
+    message: str
+    fatal: bool  # the kubelet will never pull it (InvalidImageName, ErrImageNeverPull)
+    since: datetime | None  # when the pod was scheduled: pulling began then
+
+
+def image_pull_problem(pods: list[dict[str, Any]]) -> ImagePull | None:
     for pod in pods:
-        raw = (pod.get("metadata", {}).get("annotations") or {}).get(PROGRESS_ANNOTATION)
-        if not raw:
+        if deleting(pod) or phase(pod) != "Pending":
             continue
-        try:
-            report = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(report, dict):
-            reports.append((str(report.get("updated_at") or ""), report))
-    return max(reports, key=lambda r: r[0])[1] if reports else None
-
-
-def _set_condition(
-    conditions: list[dict[str, Any]],
-    old: list[dict[str, Any]],
-    kind: str,
-    status: bool,
-    reason: str,
-    message: str,
-    now: str,
-    generation: int | None,
-) -> None:
-    value = "True" if status else "False"
-    previous = _cond(old, kind)
-    changed = previous is None or previous.get("status") != value
-    conditions.append(
-        {
-            "type": kind,
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),  # type: ignore[union-attr]
-            "observedGeneration": generation,
-        }
-    )
-
-
-def compute_status(obs: Observed, old: dict[str, Any], now: str) -> tuple[dict[str, Any], list[Event]]:
-    """The new status and the events its changes deserve (events only on transitions)."""
-    old = old or {}
-    old_conds = old.get("conditions") or []
-    status: dict[str, Any] = {
-        "observedGeneration": obs.generation,
-        "specHash": obs.spec_hash,
-        "jobName": obs.run_name,
-    }
-    same_run = old.get("specHash") == obs.spec_hash
-    for key in ("progress", "loss", "eta", "step", "totalSteps", "startTime", "completionTime"):
-        if same_run and old.get(key) is not None:
-            status[key] = old[key]
-    conds: list[dict[str, Any]] = []
-    events: list[Event] = []
-    gen = obs.generation
-
-    if obs.invalid is not None:
-        status.update(state="Failed", jobName=None)
-        _set_condition(conds, old_conds, "Valid", False, "InvalidSpec", obs.invalid, now, gen)
-        _set_condition(conds, old_conds, "Failed", True, "InvalidSpec", obs.invalid, now, gen)
-    else:
-        job = obs.job or {}
-        jstatus = job.get("status", {})
-        jconds = jstatus.get("conditions") or []
-        pods = obs.pods
-        _set_condition(conds, old_conds, "Valid", True, "SpecValid", "the spec is valid", now, gen)
-        if jstatus.get("startTime"):
-            status["startTime"] = jstatus["startTime"]
-        report = _progress(pods)
-        if report is not None:
-            step, total = report.get("step"), report.get("total_steps")
-            if isinstance(step, int) and isinstance(total, int) and total > 0:
-                status.update(step=step, totalSteps=total, progress=f"{min(100, 100 * step // total)}%")
-            if isinstance(report.get("loss"), (int, float)):
-                status["loss"] = f"{report['loss']:.4f}"
-            if isinstance(report.get("eta_seconds"), (int, float)):
-                status["eta"] = format_duration(report["eta_seconds"])
-        status["restarts"] = int(jstatus.get("failed") or 0)
-
-        unschedulable = _unschedulable(pods)
-        if _is_true(jconds, "Complete"):
-            state = "Succeeded"
-            status.update(progress="100%", eta="0s", completionTime=jstatus.get("completionTime") or now)
-            _set_condition(
-                conds, old_conds, "Succeeded", True, "TrainingComplete", "training finished", now, gen
+        status = pod.get("status") or {}
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason not in IMAGE_PULL_RETRYING + IMAGE_PULL_FATAL:
+                continue
+            scheduled = cond(status.get("conditions"), "PodScheduled") or {}
+            since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(created(pod))
+            detail = _clip(str(waiting.get("message") or reason), 600)
+            return ImagePull(
+                f"cannot pull the trainer image {cs.get('image')!s} ({reason}: {detail}): check spec.image "
+                "(or the operator's --image), that the registry is reachable from the nodes, and the "
+                "pull secret of the namespace's default ServiceAccount",
+                fatal=reason in IMAGE_PULL_FATAL,
+                since=since,
             )
-        elif _is_true(jconds, "Failed"):
-            state = "Failed"
-            jc = _cond(jconds, "Failed") or {}
-            reason = str(jc.get("reason") or "JobFailed")
-            detail = _pod_failure(pods) or str(jc.get("message") or "the trainer Job failed")
-            status["completionTime"] = jc.get("lastTransitionTime") or now
-            status["restarts"] = max(0, status["restarts"] - 1)  # the last failure is not a restart
-            _set_condition(conds, old_conds, "Failed", True, reason, detail, now, gen)
-        elif job.get("spec", {}).get("suspend"):
-            state = "Suspended"
-            status.pop("eta", None)
-            _set_condition(
-                conds,
-                old_conds,
-                "Suspended",
-                True,
-                "Suspended",
-                "runPolicy.suspend is true (or Kueue has not admitted the Job yet)",
-                now,
-                gen,
-            )
-        elif any(p.get("status", {}).get("phase") == "Running" for p in pods):
-            state = "Running"
-            _set_condition(
-                conds, old_conds, "Running", True, "TrainerRunning", "the trainer is running", now, gen
-            )
-        else:
-            state = "Pending"
-        if state in ("Pending", "Running"):
-            if unschedulable is not None:
-                _set_condition(conds, old_conds, "Scheduled", False, "Unschedulable", unschedulable, now, gen)
-            elif pods:
-                _set_condition(
-                    conds, old_conds, "Scheduled", True, "Scheduled", "trainer pods are scheduled", now, gen
-                )
-        status["state"] = state
+    return None
 
-    status["conditions"] = conds
 
-    # Events for what changed.
-    state, before = status["state"], old.get("state") if same_run else None
-    scheduled = _cond(conds, "Scheduled")
-    old_scheduled = _cond(old_conds, "Scheduled") if same_run else None
-    if scheduled and scheduled["status"] == "False" and (old_scheduled or {}).get("status") != "False":
-        events.append(Event("Warning", "Unschedulable", scheduled["message"]))
-    if state != before:
-        if state == "Running":
-            events.append(Event("Normal", "Started", f"trainer of run {obs.run_name} is running"))
-        elif state == "Succeeded":
-            events.append(Event("Normal", "Succeeded", f"run {obs.run_name} finished"))
-        elif state == "Failed":
-            failed = _cond(conds, "Failed") or {}
-            events.append(Event("Warning", str(failed.get("reason")), str(failed.get("message"))))
-        elif state == "Suspended":
-            events.append(Event("Normal", "Suspended", f"run {obs.run_name} is suspended"))
-    return status, events
+# --------------------------------------------------------------------------------------------------
+# Progress from the log tail
+# --------------------------------------------------------------------------------------------------
+
+
+def progress_fields(log_tail: str | None) -> dict[str, Any]:
+    """Status fields from the newest progress line in rank 0's log tail ({} when there is none)."""
+    report: ProgressReport | None = parse_progress(log_tail) if log_tail else None
+    if report is None:
+        return {}
+    out: dict[str, Any] = {"phase": report["state"]}
+    step, total = report.get("step"), report.get("total_steps")
+    if isinstance(step, int):
+        out["step"] = step
+        if isinstance(total, int) and total > 0:
+            out.update(totalSteps=total, progress=f"{min(100, 100 * step // total)}%")
+    if report.get("loss") is not None:
+        out["loss"] = f"{report['loss']:.4f}"
+    if report.get("eta_seconds") is not None:
+        out["eta"] = format_duration(report["eta_seconds"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditions
+# --------------------------------------------------------------------------------------------------
+
+
+class Conditions:
+    """The conditions of the new status; a condition keeps its lastTransitionTime until its status
+    flips (the Kubernetes convention)."""
+
+    def __init__(self, old: list[dict[str, Any]] | None, now: str, generation: int | None) -> None:
+        self.old = old or []
+        self.now = now
+        self.generation = generation
+        self.items: list[dict[str, Any]] = []
+
+    def set(self, kind: str, status: bool, reason: str, message: str) -> None:
+        value = "True" if status else "False"
+        previous = cond(self.old, kind)
+        since = self.now
+        if previous is not None and previous.get("status") == value:
+            since = str(previous.get("lastTransitionTime") or self.now)
+        self.items = [c for c in self.items if c["type"] != kind]
+        self.items.append(
+            {
+                "type": kind,
+                "status": value,
+                "reason": reason,
+                "message": _clip(message),
+                "lastTransitionTime": since,
+                "observedGeneration": self.generation,
+            }
+        )
+
+    def get(self, kind: str) -> dict[str, Any] | None:
+        return cond(self.items, kind)

@@ -10,18 +10,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.errors import DataError, Preempted, SpecError, TrainerError
+from kubetune.trainer.errors import (
+    DataError,
+    OutOfMemory,
+    Preempted,
+    SecretMissing,
+    SpecError,
+    TrainerError,
+)
 
-__all__ = ["DataError", "Preempted", "SpecError", "TrainerError", "run"]
+__all__ = ["DataError", "OutOfMemory", "Preempted", "SecretMissing", "SpecError", "TrainerError", "run"]
 
 
 def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune as the FineTuneJob file at ``spec_path`` says and return the final metrics.
 
-    ``output_dir`` overrides ``spec.output.path``. Relative paths in the spec (``model.path``,
-    ``dataset.files``, ``output.path``) are relative to the spec file's folder. Raises
-    :class:`SpecError` for a bad spec, :class:`TrainerError` for other problems the user can fix, and
-    :class:`Preempted` when SIGTERM stopped training (after saving a checkpoint).
+    ``output_dir`` overrides ``spec.output.path``; the run writes into ``<output>/runs/<run>/`` (see
+    :mod:`kubetune.trainer.layout`). Relative paths in the spec (``model.path``, ``dataset.files``,
+    ``output.path``) are relative to the spec file's folder. Raises :class:`SpecError` for a bad spec,
+    :class:`DataError`, :class:`SecretMissing`, :class:`OutOfMemory` and :class:`TrainerError` for other
+    problems the user can fix, and :class:`Preempted` when SIGTERM or SIGINT stopped training (after
+    saving a checkpoint).
     """
     from kubetune.trainer.train import run as _run
 

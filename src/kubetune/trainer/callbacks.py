@@ -1,4 +1,5 @@
-"""Trainer callbacks: progress (rich bar / one-line logs + progress.json) and checkpoint-on-SIGTERM."""
+"""Trainer callbacks: progress (rich bar / one-line logs + progress.json and progress lines) and
+checkpoint-on-SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -133,17 +134,21 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
 
 
 class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
-    """Saves a checkpoint and stops when SIGTERM arrived, and always checkpoints the last step (so a
-    restart after a failure in the post-training steps does not train again)."""
+    """Saves a checkpoint and stops when SIGTERM/SIGINT arrived, and always checkpoints the step training
+    ends at, the last one or the one early stopping stops at (so the run's final weights are on disk
+    before ``training-complete.json`` says training is over).
+
+    Put it after ``EarlyStoppingCallback``: its ``on_evaluate`` then sees that early stopping asked to
+    stop."""
 
     def __init__(self, flag: PreemptionFlag) -> None:
         self.flag = flag
         self.preempted_at: int | None = None
 
-    def _requested(self, args: Any) -> bool:
+    def requested(self, args: Any) -> bool:
         """The flag, agreed on by every process: all must checkpoint and stop at the same step, or the
         others would wait forever in the next collective. (torchrun forwards SIGTERM to every worker, but
-        they need not receive it during the same step.)"""
+        they need not receive it during the same step.) Every process must call it at the same point."""
         import torch
         import torch.distributed as dist
 
@@ -154,10 +159,15 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         return bool(flag.item())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._requested(args):
+        if self.requested(args):
             control.should_save = True
             control.should_training_stop = True
             self.preempted_at = state.global_step
             log.warning("preempted: checkpointing step %d and stopping", state.global_step)
         elif state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Early stopping decided to stop at this step: save it, even between two save steps.
+        if control.should_training_stop:
             control.should_save = True

@@ -1,28 +1,56 @@
-"""Errors the trainer reports without a traceback (cheap to import)."""
+"""Errors the trainer reports without a traceback, with their exit codes (cheap to import).
+
+Each maps to one of :class:`kubetune.contract.Exit` and to the ``reason`` of the termination message the
+operator turns into the FineTuneJob's Failed condition.
+"""
 
 from __future__ import annotations
 
+from kubetune.contract import REASON_BY_EXIT, REASON_PREEMPTED, Exit
+
 
 class TrainerError(Exception):
-    """A problem the user can fix (bad data, missing token, ...): reported as one clear line."""
+    """A problem a person must fix (model not found, Hub access refused, ...): reported as one clear
+    line. Subclasses narrow the exit code."""
 
-    exit_code = 1
+    exit_code: int = Exit.USER_ERROR
+
+    @property
+    def reason(self) -> str:
+        return REASON_BY_EXIT[self.exit_code]
 
 
 class SpecError(TrainerError):
     """The FineTuneJob file is missing or does not validate."""
 
-    exit_code = 2
+    exit_code = Exit.INVALID_SPEC
 
 
 class DataError(TrainerError):
-    """The training data cannot be used as the spec says."""
+    """The training data cannot be used as the spec says (a missing column, nothing left after
+    cleaning, a file that is not there)."""
+
+    exit_code = Exit.DATASET_ERROR
+
+
+class SecretMissing(TrainerError):
+    """The spec needs a Hugging Face token (``output.hub``) and none is available."""
+
+    exit_code = Exit.SECRET_MISSING
+
+
+class OutOfMemory(TrainerError):
+    """CUDA ran out of memory; the message names the knobs that lower memory use."""
+
+    exit_code = Exit.CUDA_OUT_OF_MEMORY
 
 
 class Preempted(Exception):
-    """SIGTERM arrived: a checkpoint was saved and the run stops, to resume on the next start."""
+    """SIGTERM (or SIGINT) arrived: a checkpoint was saved and the run stops, to resume on the next
+    start."""
 
-    exit_code = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+    exit_code: int = Exit.PREEMPTED  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+    reason = REASON_PREEMPTED
 
     def __init__(self, message: str, step: int | None = None) -> None:
         super().__init__(message)

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.v1alpha1 import HubOutput
+from kubetune.api.v1alpha1 import FineTuneJob, HubOutput
+from kubetune.contract import ENV_HF_TOKEN
 from kubetune.trainer.card import check_no_secrets
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import SecretMissing, TrainerError
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -19,12 +20,52 @@ RETRY_WAIT_SECONDS = 5.0  # exponential back-off base between attempts
 WRITTEN_BY_KUBETUNE = {"README.md", "metrics.json", "samples.json"}
 
 
+def resolve_token(*, local: bool) -> str | None:
+    """The Hugging Face token: ``$HF_TOKEN`` (from the Job's Secret), or, in a local run, the one
+    ``huggingface_hub`` knows (``hf auth login``). ``None`` when there is none."""
+    from kubetune.trainer.termination import add_secret
+
+    token = os.environ.get(ENV_HF_TOKEN, "").strip()
+    if not token and local:
+        from huggingface_hub import get_token
+
+        token = (get_token() or "").strip()
+    add_secret(token)
+    return token or None
+
+
+def missing_token_message(job: FineTuneJob) -> str:
+    """What to do when ``output.hub`` is set and there is no token: the Secret to create, and how."""
+    assert job.spec.output.hub is not None
+    ref = job.spec.output.hub.token.secret_key_ref
+    ns = job.metadata.namespace
+    return (
+        f"output.hub.token: the {ENV_HF_TOKEN} environment variable is not set (or empty), so nothing can "
+        f"be pushed to {job.spec.output.hub.repo_id}. The trainer Pod reads it from the Secret named in "
+        f"spec.output.hub.token.secretKeyRef: Secret {ref.name!r}, key {ref.key!r}"
+        + (f", in namespace {ns!r}" if ns else "")
+        + f". Create it with `kubectl create secret generic {ref.name} -n {ns or '<namespace>'} "
+        f"--from-literal={ref.key}=<your Hugging Face write token>`, then re-run the job "
+        f"(locally: export {ENV_HF_TOKEN}, or `hf auth login`)."
+    )
+
+
+def require_token(job: FineTuneJob, *, local: bool) -> str | None:
+    """Fail fast (before anything heavy is loaded) when the job pushes to the Hub without a token."""
+    if job.spec.output.hub is None:
+        return None
+    token = resolve_token(local=local)
+    if token is None:
+        raise SecretMissing(missing_token_message(job))
+    return token
+
+
 def hub_token() -> str:
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if not token:
-        raise TrainerError(
-            "output.hub.token: the HF_TOKEN environment variable is not set; the trainer Pod reads it from "
-            "the Secret named in output.hub.token.secretKeyRef (locally: export HF_TOKEN)"
+    token = resolve_token(local=False)
+    if token is None:
+        raise SecretMissing(
+            f"output.hub.token: the {ENV_HF_TOKEN} environment variable is not set; the trainer Pod reads it "
+            "from the Secret named in output.hub.token.secretKeyRef (locally: export HF_TOKEN)"
         )
     return token
 
@@ -63,17 +104,26 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def push(hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str) -> str:
+def _http_summary(exc: BaseException) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return f"HTTP {status}: {first}" if status is not None else first
+
+
+def push(
+    hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str, token: str | None = None
+) -> str:
     """Create the repository (and branch) when missing and commit `files`; returns the commit URL.
 
     Every step is idempotent (exist_ok; one commit of whole files), so a transient failure retries all."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
     from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
     for path_in_repo, local in files:
         if path_in_repo in WRITTEN_BY_KUBETUNE:
             check_no_secrets(local.read_text(encoding="utf-8", errors="replace"), what=path_in_repo)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=hub_token())
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token or hub_token())
     retrying = Retrying(
         retry=retry_if_exception(_transient),
         stop=stop_after_attempt(ATTEMPTS),
@@ -81,14 +131,30 @@ def push(hub: HubOutput, files: list[tuple[str, Path]], *, commit_message: str) 
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
     )
-    for attempt in retrying:
-        with attempt:
-            repo = api.create_repo(hub.repo_id, private=hub.private, repo_type="model", exist_ok=True)
-            if hub.revision != "main":
-                api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
-            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files]
-            info: Any = api.create_commit(
-                hub.repo_id, operations=ops, commit_message=commit_message, revision=hub.revision
-            )
+    try:
+        for attempt in retrying:
+            with attempt:
+                repo = api.create_repo(hub.repo_id, private=hub.private, repo_type="model", exist_ok=True)
+                if hub.revision != "main":
+                    api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
+                ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files]
+                info: Any = api.create_commit(
+                    hub.repo_id, operations=ops, commit_message=commit_message, revision=hub.revision
+                )
+    except HfHubHTTPError as exc:
+        if _transient(exc):
+            raise  # still failing after the retries: an unexpected error, which the Job retries
+        status = getattr(exc.response, "status_code", None)
+        hint = (
+            "check that the token in the Secret of output.hub.token.secretKeyRef has write access to that "
+            "repository (or its organization)"
+            if status in (401, 403)
+            else "check output.hub.repoId and output.hub.revision"
+        )
+        raise TrainerError(
+            f"output.hub: the Hub refused the push to {hub.repo_id} (revision {hub.revision}): "
+            f"{_http_summary(exc)}. To fix: {hint}. The trained run is kept: the next start pushes again "
+            "without training"
+        ) from exc
     log.info("pushed %d files to %s (revision %s)", len(files), repo, hub.revision)
     return str(info.commit_url)

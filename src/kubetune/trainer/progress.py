@@ -1,32 +1,30 @@
-"""``<output>/progress.json``: the run's state, written atomically, read by the operator (and by people).
+"""The run's progress: ``<run folder>/progress.json`` and one structured line on stdout per update.
 
-Fields: ``state``, ``step``, ``total_steps``, ``loss``, ``eta_seconds``, ``epoch``, ``updated_at`` (RFC 3339,
-UTC), plus ``eval_loss`` once evaluated and ``message`` on failure. ``state`` is one of :data:`STATES`.
-Only the main process writes it.
+Fields (:class:`kubetune.contract.ProgressReport`): ``state`` (one of :data:`kubetune.contract.PHASES`),
+``step``, ``total_steps``, ``loss``, ``eta_seconds``, ``epoch``, ``updated_at`` (RFC 3339, UTC), ``run``,
+plus ``eval_loss`` once evaluated and ``message`` on failure.
+
+The operator learns about the run from the log of rank 0 (no API access from the trainer Pod): every
+update prints :func:`kubetune.contract.progress_line`, ``kubetune.io/progress {...json...}``, which
+:func:`kubetune.contract.parse_progress` reads back from the log tail. Only the main process writes
+either.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from kubetune.render import ANNOTATION_PROGRESS
+from kubetune.contract import PHASES, Phase, progress_line
+from kubetune.trainer.termination import redact
 
-ProgressState = Literal[
-    "Loading",  # reading the spec, data and model
-    "Training",
-    "Evaluating",
-    "Saving",  # adapter, samples, merged model, card
-    "Pushing",  # to the Hub
-    "Succeeded",
-    "Failed",
-    "Preempted",  # SIGTERM: a checkpoint was saved, the next start resumes from it
-]
-STATES: tuple[str, ...] = ProgressState.__args__  # type: ignore[attr-defined]
+__all__ = ["PHASES", "Phase", "ProgressFile", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -46,95 +44,26 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
-class PodReporter:
-    """Mirrors progress onto this Pod's `kubetune.io/progress` annotation, which the operator turns into
-    the Progress / Loss / ETA columns of `kubectl get ftj`.
-
-    In a Pod it uses the Pod's ServiceAccount token (the trainer needs `patch` on pods in its namespace)
-    and the Downward-API variables the Job sets. Best effort: a refused or failed report never disturbs
-    training; after a 401/403 it stops trying, with one warning."""
-
-    MIN_INTERVAL_SECONDS = 10.0
-
-    def __init__(
-        self,
-        pod: str | None,
-        namespace: str | None,
-        server: str | None,
-        token: str | None,
-        ca_file: str | None = None,
-    ) -> None:
-        self.url = (
-            f"{server}/api/v1/namespaces/{namespace}/pods/{pod}" if pod and namespace and server else None
-        )
-        self.token = token
-        self.ca_file = ca_file
-        self.enabled = bool(self.url and token)
-        self._last = 0.0
-
-    @classmethod
-    def from_environment(cls, env: Any = os.environ) -> PodReporter:
-        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
-        token_file, ca_file = SA_DIR / "token", SA_DIR / "ca.crt"
-        token = token_file.read_text().strip() if token_file.is_file() else None
-        server = f"https://{host}:{port}" if host else None
-        return cls(
-            env.get("KUBETUNE_POD_NAME"),
-            env.get("KUBETUNE_POD_NAMESPACE"),
-            server,
-            token,
-            str(ca_file) if ca_file.is_file() else None,
-        )
-
-    def report(self, data: dict[str, Any], force: bool = False) -> None:
-        import time
-
-        if not self.enabled or (not force and time.monotonic() - self._last < self.MIN_INTERVAL_SECONDS):
-            return
-        self._last = time.monotonic()
-        import logging
-        import ssl
-        import urllib.error
-        import urllib.request
-
-        body = json.dumps({"metadata": {"annotations": {ANNOTATION_PROGRESS: json.dumps(data)}}}).encode()
-        assert self.url is not None
-        req = urllib.request.Request(
-            self.url,
-            data=body,
-            method="PATCH",
-            headers={
-                "Authorization": f"Bearer {self.token}",
-                "Content-Type": "application/merge-patch+json",
-            },
-        )
-        context = ssl.create_default_context(cafile=self.ca_file) if self.url.startswith("https") else None
-        try:
-            with urllib.request.urlopen(req, timeout=5, context=context):
-                pass
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                self.enabled = False
-                logging.getLogger("kubetune.trainer").warning(
-                    "progress is not shown in `kubectl get ftj`: this Pod's ServiceAccount may not patch "
-                    "pods (HTTP %d); grant it `patch` on pods to see Progress/Loss/ETA",
-                    e.code,
-                )
-        except (OSError, ValueError):
-            pass  # the next report tries again
+def _finite(value: Any) -> Any:
+    """NaN and infinities as ``None`` (JSON has neither; a diverged loss must not stop the run)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class ProgressFile:
-    """The last known progress, rewritten on every update (a no-op off the main process), and mirrored
-    onto the Pod for the operator."""
+    """The last known progress of a run: rewritten on every update and printed as one progress line on
+    stdout (both no-ops off the main process).
 
-    def __init__(self, path: Path, enabled: bool = True, reporter: PodReporter | None = None) -> None:
+    ``line`` (default: when stdout is not a terminal) controls the progress line: in a Pod stdout is
+    the container log the operator reads; at a terminal the progress bar shows the same."""
+
+    def __init__(
+        self, path: Path, enabled: bool = True, *, run: str | None = None, line: bool | None = None
+    ) -> None:
         self.path = path
         self.enabled = enabled
-        self.reporter = reporter if reporter is not None else PodReporter.from_environment()
+        self.line = line
         self.data: dict[str, Any] = {
             "state": "Loading",
             "step": 0,
@@ -143,14 +72,20 @@ class ProgressFile:
             "eta_seconds": None,
             "epoch": None,
             "updated_at": None,
+            "run": run,
         }
 
-    def update(self, state: ProgressState | None = None, **fields: Any) -> None:
+    def update(self, state: Phase | None = None, **fields: Any) -> None:
         if state is not None:
+            if state not in PHASES:
+                raise ValueError(f"unknown progress state {state!r}; one of {PHASES}")
             self.data["state"] = state
-        self.data.update(fields)
+        for key, value in fields.items():
+            self.data[key] = redact(value) if key == "message" and isinstance(value, str) else _finite(value)
         self.data["updated_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        if self.enabled:
-            write_json_atomic(self.path, self.data)
-            # State changes go out at once; step updates at most every MIN_INTERVAL_SECONDS.
-            self.reporter.report(self.data, force=state is not None)
+        if not self.enabled:
+            return
+        write_json_atomic(self.path, self.data)
+        line = self.line if self.line is not None else not sys.stdout.isatty()
+        if line:
+            print(progress_line(self.data), file=sys.stdout, flush=True)

@@ -50,29 +50,37 @@ def find_resume_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[Pat
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (Kubernetes' preemption/eviction notice); the trainer then checkpoints and stops.
+    """Set by SIGTERM (Kubernetes' preemption/eviction notice) or SIGINT (Ctrl-C, or `kubetune run
+    --local` forwarding one); the trainer then checkpoints and stops.
 
     The handler only sets a flag: the checkpoint is written by a callback at the end of the current
-    optimizer step, in the main thread, where saving is safe.
+    optimizer step, in the main thread, where saving is safe. A second SIGINT raises KeyboardInterrupt
+    (stop now, without a checkpoint), as Ctrl-C twice does anywhere else.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: object = None
-        self._installed = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
-            self._installed = False
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if not self.requested:
             self.requested = True
-            log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
+            self.signal_name = name
+            log.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
+        elif signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt

@@ -1,12 +1,10 @@
 """One training run: spec → data → model → SFTTrainer → adapter, samples, metrics, card, Hub.
 
-Output layout (``<output>`` is ``--output`` or ``spec.output.path``)::
-
-    checkpoints/checkpoint-N/   Trainer checkpoints (resume after preemption)
-    adapter/                    the LoRA adapter + tokenizer with chat template + README.md (model/ for full)
-    merged/                     base + adapter merged (output.pushMerged)
-    progress.json               state, step, total_steps, loss, eta_seconds, epoch, updated_at
-    metrics.json  samples.json  README.md (the model card)
+Each run writes into its own folder, ``<output>/runs/<run>/`` (see :mod:`kubetune.trainer.layout`):
+``<output>`` is ``--output`` or ``spec.output.path``, ``<run>`` is ``$KUBETUNE_RUN`` or
+``<name>-<spec hash>``. A restart of the same run resumes from its newest complete checkpoint; once
+``training-complete.json`` is there, a restart does not train again but evaluates, saves, writes the card
+and pushes again.
 
 Every process trains; only the main process writes files other than checkpoints, generates samples,
 merges and pushes.
@@ -14,6 +12,7 @@ merges and pushes.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -24,13 +23,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.v1alpha1 import HF_TOKEN_RE, FineTuneJob
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.contract import ENV_RUN
 from kubetune.trainer import config as cfg
-from kubetune.trainer.errors import Preempted
+from kubetune.trainer import layout
+from kubetune.trainer.errors import DataError, OutOfMemory, Preempted, TrainerError
 from kubetune.trainer.progress import ProgressFile, write_json_atomic
 from kubetune.trainer.resume import PreemptionFlag, checkpoint_step, find_resume_checkpoint
 from kubetune.trainer.spec import base_dir as spec_base_dir
 from kubetune.trainer.spec import load_job, resolve_output
+from kubetune.trainer.termination import redact
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -86,6 +88,23 @@ def _finished(checkpoint: Path, args: Any) -> bool:
     return float(state.get("epoch") or 0.0) >= float(args.num_train_epochs) - 1e-6
 
 
+def _mark_complete(
+    run_folder: Path, state: Any, reason: layout.CompletionReason, final: Path, best: str | Path | None
+) -> None:
+    """Write the completion marker: from now on a restart of this run never trains again."""
+    layout.write_completion(
+        run_folder,
+        layout.Completion.new(
+            step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=float(state.epoch or 0.0),
+            reason=reason,
+            final_checkpoint=final,
+            best_checkpoint=best,
+        ),
+    )
+
+
 def _pack(dataset: Any, block_size: int) -> Any:
     """Concatenate the tokenized (and truncated) rows and cut them into ``block_size`` blocks."""
     from trl.data_utils import pack_dataset
@@ -93,30 +112,135 @@ def _pack(dataset: Any, block_size: int) -> Any:
     return pack_dataset(dataset.select_columns(["input_ids", "labels"]), block_size, "wrapped")
 
 
+# What torch and the libraries around it raise when a GPU runs out of memory: torch.OutOfMemoryError,
+# sometimes wrapped (or re-raised as a RuntimeError with torch's text, or reported by cuBLAS).
+_OOM_TEXT = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+_PHASE_WORDS = {
+    "Loading": "loading the model and data",
+    "Training": "training",
+    "Evaluating": "evaluating",
+    "Saving": "saving (adapter, samples, merged model)",
+    "Pushing": "pushing",
+}
+
+
+def find_out_of_memory(exc: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error in ``exc`` or in the exceptions it was raised from, if any."""
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(oom_type, type) and isinstance(current, oom_type):
+            return current
+        if isinstance(current, RuntimeError) and any(text in str(current) for text in _OOM_TEXT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def out_of_memory_message(job: FineTuneJob, oom: BaseException, progress: dict[str, Any]) -> str:
+    """What to change when CUDA ran out of memory: the knobs that lower memory use, with their values."""
+    t, gpu = job.spec.training, job.spec.resources.gpu_type
+    phase = str(progress.get("state") or "Loading")
+    where = _PHASE_WORDS.get(phase, phase.lower())
+    if phase == "Training" and progress.get("step"):
+        where += f" (after step {progress['step']})"
+    detail = str(oom).strip().splitlines()[0][:300] if str(oom).strip() else type(oom).__name__
+    checkpointing = (
+        "turn on training.gradientCheckpointing (now false)"
+        if not t.gradient_checkpointing
+        else "training.gradientCheckpointing is already on"
+    )
+    return (
+        f"CUDA out of memory while {where}: {detail}. To fit in GPU memory: lower "
+        f"training.perDeviceBatchSize (now {t.per_device_batch_size}) and raise "
+        f"training.gradientAccumulationSteps (now {t.gradient_accumulation_steps}) to keep the effective "
+        f"batch size; lower training.maxSeqLength (now {t.max_seq_length}); {checkpointing}; or ask for a "
+        f"GPU with more memory with resources.gpuType (now {repr(gpu) if gpu else 'unset'})."
+    )
+
+
+def _completion_reason(st: Any, args: Any) -> layout.CompletionReason:
+    if st.max_steps and st.global_step < st.max_steps:
+        return "early_stopping"
+    return "max_steps" if args.max_steps > 0 else "epochs"
+
+
+def _check_truncation(trainer: Any, stats: Any, max_len: int) -> None:
+    """TRL drops rows that truncation to ``max_len`` leaves without a token to learn (a prompt that
+    fills it): say how many, and fail as a dataset error when none is left."""
+    for what, dataset, before in (
+        ("training", trainer.train_dataset, stats.train_rows),
+        ("validation", trainer.eval_dataset, stats.validation_rows),
+    ):
+        if dataset is None or not hasattr(dataset, "__len__"):
+            continue
+        dropped = before - len(dataset)
+        if dropped > 0 and len(dataset) == 0:
+            raise DataError(
+                f"dataset: all {before} {what} rows were dropped: truncated to training.maxSeqLength "
+                f"({max_len} tokens), none has a token left to learn (the prompt alone fills it); raise "
+                "training.maxSeqLength"
+            )
+        if dropped > 0:
+            log.warning(
+                "%d of %d %s rows dropped: truncated to training.maxSeqLength (%d tokens), their prompt "
+                "leaves no token to learn",
+                dropped,
+                before,
+                what,
+                max_len,
+            )
+
+
 def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
     spec_file = Path(spec_path)
     job = load_job(spec_file)  # SpecError before any heavy import
     base_dir = spec_base_dir(spec_file)
     out = resolve_output(job.spec, base_dir, output_dir)
+    run_name = layout.run_name(job)
+    run_folder = layout.run_dir(out, run_name)
+    # Rank 0 reports (accelerate launch sets RANK; PartialState, which knows for sure, is not loaded yet).
+    progress = ProgressFile(
+        run_folder / "progress.json", enabled=os.environ.get("RANK", "0") == "0", run=run_name
+    )
+    from kubetune.trainer import hub
+
+    try:
+        # No token for output.hub: say so now, not after hours of training. ($KUBETUNE_RUN unset means
+        # a local run: then the token of `hf auth login` counts too.)
+        token = hub.require_token(job, local=not os.environ.get(ENV_RUN))
+    except TrainerError as exc:
+        with contextlib.suppress(OSError):  # a read-only output folder must not hide the error
+            progress.update("Failed", message=str(exc)[:1000])
+        raise
 
     from accelerate import PartialState
 
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: train on the CPU even where there are GPUs.
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     setup_logging(state.is_main_process)
-    progress = ProgressFile(out / "progress.json", enabled=state.is_main_process)
+    progress.enabled = state.is_main_process
     flag = PreemptionFlag().install()
     try:
         if state.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            run_folder.mkdir(parents=True, exist_ok=True)
+        log.info("run %s: writing to %s", run_name, run_folder)
         progress.update("Loading")
-        return _run(job, base_dir, out, state, progress, flag)
+        return _run(job, base_dir, out, run_folder, state, progress, flag, token)
     except Preempted as exc:
         progress.update("Preempted", eta_seconds=None, **({"step": exc.step} if exc.step is not None else {}))
         raise
     except BaseException as exc:
-        message = HF_TOKEN_RE.sub("hf_***", f"{type(exc).__name__}: {exc}")[:1000]
-        progress.update("Failed", eta_seconds=None, message=message)
+        oom = None if isinstance(exc, TrainerError) else find_out_of_memory(exc)
+        if oom is not None:
+            error = OutOfMemory(out_of_memory_message(job, oom, progress.data))
+            progress.update("Failed", eta_seconds=None, message=str(error)[:1000])
+            raise error from exc
+        text = str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}"
+        progress.update("Failed", eta_seconds=None, message=redact(text)[:1000])
         raise
     finally:
         flag.uninstall()
@@ -126,9 +250,11 @@ def _run(
     job: FineTuneJob,
     base_dir: Path,
     out: Path,
+    run_folder: Path,
     state: Any,
     progress: ProgressFile,
     flag: PreemptionFlag,
+    token: str | None,
 ) -> dict[str, Any]:
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
@@ -139,6 +265,7 @@ def _run(
     from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback
 
     spec = job.spec
+    run_name = run_folder.name
     is_main = state.is_main_process
     hw = modeling.hardware(state)
     log.info(
@@ -150,6 +277,13 @@ def _run(
         state.num_processes,
         "" if state.num_processes == 1 else "es",
     )
+    if is_main and (out / "checkpoints").is_dir():
+        log.warning(
+            "%s holds checkpoints of an older kubetune, which wrote every run there; they are not resumed "
+            "(nothing says which spec they belong to): each run now has its own folder under %s",
+            out / "checkpoints",
+            out / layout.RUNS_DIR,
+        )
     set_seed(spec.training.seed)
 
     # Data (the main process first: the others then read the datasets cache).
@@ -170,15 +304,16 @@ def _run(
         log.info("%d linear layers quantized by bitsandbytes", quantized_layers)
     lora = modeling.lora_config(spec, model)
 
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = run_folder / "checkpoints"
     sft_kwargs = cfg.sft_config_kwargs(spec, str(ckpt_dir), has_eval=has_eval, hw=hw)
     sft_kwargs["include_num_input_tokens_seen"] = "non_padding"
     args = SFTConfig(**sft_kwargs)
     progress_cb = ProgressCallback(progress, is_main=is_main, tty=sys.stdout.isatty())
     ckpt_cb = CheckpointCallback(flag)
-    callbacks: list[Any] = [progress_cb, ckpt_cb]
+    callbacks: list[Any] = [progress_cb]
     if spec.training.early_stopping_patience is not None and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.training.early_stopping_patience))
+    callbacks.append(ckpt_cb)  # after early stopping: it saves the step early stopping stops at
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -189,6 +324,7 @@ def _run(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints instead
+    _check_truncation(trainer, prepared.stats, spec.training.max_seq_length)
     block_size = cfg.packing_block_size(spec)
     if block_size is not None:
         with state.main_process_first():
@@ -204,46 +340,97 @@ def _run(
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %d of %d", trainable, total)
 
-    # Resume from the newest complete checkpoint (after a preemption, a failure or a finished run).
+    # Resume from the newest complete checkpoint of this run (after a preemption or a failure).
     resume, partial = find_resume_checkpoint(ckpt_dir)
     if is_main:
         for p in partial:
             log.warning("removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
     resumed_from = checkpoint_step(resume) if resume is not None else None
-    if resume is not None:
-        log.info("resuming from step %d (%s)", resumed_from, resume)
+    completion = layout.read_completion(run_folder)
     if flag.requested:
-        raise Preempted("SIGTERM before training started; nothing new to checkpoint", step=resumed_from)
+        raise Preempted(
+            f"{flag.signal_name} before training started; nothing new to checkpoint", step=resumed_from
+        )
 
-    if resume is not None and _finished(resume, args):
-        # transformers would run one more step past max_steps when resuming a finished run: load the
-        # final (or best) weights instead and go on with evaluation, saving and pushing.
+    if completion is not None or (resume is not None and _finished(resume, args)):
+        # Training is over (the marker, or, for runs of older versions, a checkpoint at the last step):
+        # never train again (transformers would run on past max_steps, or past where early stopping
+        # stopped). Load the final (or best) weights and go on with evaluation, saving and pushing.
         from transformers import TrainerState
 
-        log.info("training had already finished at step %d", resumed_from)
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-        best = trainer.state.best_model_checkpoint
-        final = Path(best) if args.load_best_model_at_end and best and Path(best).is_dir() else resume
-        trainer._load_from_checkpoint(str(final))
+        final = resume
+        if completion is not None and checkpoint_step(ckpt_dir / completion.final_checkpoint) is not None:
+            final = ckpt_dir / completion.final_checkpoint
+        if final is None:
+            raise TrainerError(
+                f"{run_folder / layout.COMPLETE_MARKER} says training finished at step "
+                f"{completion.step if completion else '?'}, but {ckpt_dir} holds no complete checkpoint "
+                f"to load its weights from; delete {run_folder} to train this spec again"
+            )
+        trainer.state = TrainerState.load_from_json(str(final / "trainer_state.json"))
+        st = trainer.state
+        reason = completion.reason if completion is not None else _completion_reason(st, args)
+        best_name = completion.best_checkpoint if completion is not None else None
+        if best_name is None and st.best_model_checkpoint:
+            best_name = Path(st.best_model_checkpoint).name  # the folder may be mounted elsewhere now
+        best = ckpt_dir / best_name if best_name else None
+        weights = best if args.load_best_model_at_end and best is not None and best.is_dir() else final
+        log.info(
+            "training already complete at step %d (%s): not training again; loading the %s weights of "
+            "%s, then evaluating, saving and pushing",
+            st.global_step,
+            reason.replace("_", " "),
+            "best" if weights != final else "final",
+            weights.name,
+        )
+        trainer._load_from_checkpoint(str(weights))
+        if completion is None and is_main:
+            _mark_complete(run_folder, st, reason, final, best_name)
         train_summary: dict[str, Any] = {}
         training_loss = None
     else:
+        if resume is not None:
+            log.info("resuming from step %d (%s)", resumed_from, resume)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         train_summary = dict(result.metrics)
         training_loss = float(result.training_loss)
-    st = trainer.state
-    if ckpt_cb.preempted_at is not None and st.global_step < st.max_steps:
-        raise Preempted(
-            f"preempted at step {st.global_step}/{st.max_steps}; checkpoint saved, resume on restart",
-            step=st.global_step,
+        st = trainer.state
+        # A stop request in the very step early stopping ended training at: training is over all the same.
+        stopped_early = any(
+            isinstance(c, EarlyStoppingCallback)
+            and c.early_stopping_patience_counter >= c.early_stopping_patience
+            for c in callbacks
         )
+        if ckpt_cb.preempted_at is not None and st.global_step < st.max_steps and not stopped_early:
+            raise Preempted(
+                f"preempted ({flag.signal_name}) at step {st.global_step}/{st.max_steps}; checkpoint saved, "
+                "the next start resumes from it",
+                step=st.global_step,
+            )
+        reason = _completion_reason(st, args)
+        final = ckpt_dir / f"checkpoint-{st.global_step}"
+        if is_main:
+            # Training is over: from now on a restart (a failed push, an evicted pod) never trains again.
+            _mark_complete(run_folder, st, reason, final, st.best_model_checkpoint)
+        log.info("training complete at step %d (%s)", st.global_step, reason.replace("_", " "))
+
+    def stop_if_requested(before: str, every_process: bool = True) -> None:
+        """SIGTERM/SIGINT after training: stop between steps (a restart redoes only what follows)."""
+        if ckpt_cb.requested(args) if every_process else flag.requested:
+            raise Preempted(
+                f"{flag.signal_name or 'a stop request'} before {before}; training is complete (step "
+                f"{st.global_step}): the next start evaluates, saves and pushes without training",
+                step=st.global_step,
+            )
 
     metrics: dict[str, Any] = {
         "method": spec.method.type,
+        "run": run_name,
         "steps": st.global_step,
         "max_steps": st.max_steps,
         "epochs": round(float(st.epoch or 0.0), 4),
+        "completion_reason": reason,
         "resumed_from_step": resumed_from,
     }
     losses = _losses(st.log_history)
@@ -266,6 +453,7 @@ def _run(
     metrics["quantized_layers"] = quantized_layers
 
     if has_eval:
+        stop_if_requested("evaluating")
         progress.update("Evaluating", eta_seconds=0)
         last_eval = next((e for e in reversed(st.log_history) if "eval_loss" in e), None)
         if (
@@ -281,8 +469,9 @@ def _run(
     metrics["data"] = prepared.stats.as_dict()
 
     # Save: every process takes part (FSDP gathers the shards), the main process writes.
+    stop_if_requested("saving")
     progress.update("Saving", eta_seconds=0)
-    model_dir = out / ("adapter" if spec.method.uses_adapter else "model")
+    model_dir = run_folder / ("adapter" if spec.method.uses_adapter else "model")
     trainer.save_model(str(model_dir))
     if not is_main:
         return metrics
@@ -296,7 +485,7 @@ def _run(
             samples = modeling.generate_samples(trainer.model, tokenizer, spec, hw)
             for s in samples:
                 log.info("sample: %r → %r", s["prompt"], s["completion"])
-    write_json_atomic(out / "samples.json", samples)
+    write_json_atomic(run_folder / "samples.json", samples)
 
     del trainer, model
     gc.collect()
@@ -305,30 +494,34 @@ def _run(
 
     merged_dir = None
     if spec.output.push_merged and spec.method.uses_adapter:
-        merged_dir = out / "merged"
+        merged_dir = run_folder / "merged"
         modeling.merge_adapter(spec, base_dir, model_dir, merged_dir, hw)
         tokenizer.save_pretrained(str(merged_dir))
 
     from kubetune.trainer.card import render_card
 
     card = render_card(spec, name=job.metadata.name, metrics=metrics, samples=samples)
-    for folder in (out, model_dir):
+    for folder in (run_folder, model_dir):
         (folder / "README.md").write_text(card, encoding="utf-8")
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(run_folder / "metrics.json", metrics)
 
     if spec.output.hub is not None:
         from kubetune.trainer import hub
 
+        stop_if_requested("pushing", every_process=False)  # the other processes are done
         progress.update("Pushing")
         files = hub.plan_upload(
             root_folder=model_dir if (spec.output.push_adapter or not spec.method.uses_adapter) else None,
-            extra_files=[out / "README.md", out / "metrics.json", out / "samples.json"],
+            extra_files=[run_folder / "README.md", run_folder / "metrics.json", run_folder / "samples.json"],
             merged_folder=merged_dir,
         )
         metrics["hub_commit_url"] = hub.push(
-            spec.output.hub, files, commit_message=f"kubetune: {job.metadata.name} ({spec.method.type})"
+            spec.output.hub,
+            files,
+            commit_message=f"kubetune: {job.metadata.name} ({spec.method.type}, run {run_name})",
+            token=token,
         )
-        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(run_folder / "metrics.json", metrics)
 
     progress.update(
         "Succeeded",
@@ -338,5 +531,5 @@ def _run(
         eta_seconds=0,
         **({"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else {}),
     )
-    log.info("done: %s", out)
+    log.info("done: %s", run_folder)
     return metrics

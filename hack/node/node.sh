@@ -1,0 +1,524 @@
+#!/usr/bin/env bash
+# One real Kubernetes node for kubetune's end-to-end tests: containerd (Debian's) and the kubelet built
+# with the control plane (hack/controlplane/), running the images of hack/node/images.sh. Test only:
+# the kubelet serves anonymous requests on loopback and allows them all.
+#
+#   node.sh start DIR [KUBECONFIG]   start containerd and a kubelet for the control plane in DIR (its
+#                                    DIR/kubeconfig, or KUBECONFIG), import the images, wait for Ready
+#   node.sh stop DIR                 stop them and leave nothing behind (safe when half-started)
+#   node.sh status DIR               print the node's env file
+#
+# State and logs go to DIR/node/ (logs/containerd.log, logs/kubelet.log). containerd's root, where
+# the imported images live, is kept under the cache so that the next start imports nothing; a second
+# node running at once gets a root of its own.
+#
+# The node is named "localhost" (its Hostname address, which the API server dials: the kubelet listens
+# on 127.0.0.1 only), labelled and tainted kubetune.io/e2e-node=real(:NoSchedule), so that only pods
+# that ask for it land there. Pods get addresses on a bridge of their own, with no gateway and no NAT:
+# they can reach nothing but each other.
+#
+# Environment:
+#   KUBETUNE_NODE_CACHE   cache root (default: ~/.cache/kubetune/node)
+#   NODE_START_TIMEOUT    seconds `start` waits for the node to be Ready (default: 120)
+#   NODE_OWNER_PID        `start` only: stop the node by itself once this process is gone
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG_PREFIX=node
+# shellcheck source=hack/lib.sh
+source "${HERE}/../lib.sh"
+
+CACHE_ROOT="${KUBETUNE_NODE_CACHE:-${HOME}/.cache/kubetune/node}"
+NODE_NAME=localhost
+NODE_LABEL=kubetune.io/e2e-node=real
+CNI_BIN=/usr/lib/cni
+SETSID="$(command -v setsid || true)"
+# The kubelet sets these at start-up (and only then) to the values it wants; they are put back as
+# soon as the node is up, so that the machine keeps its own (kernel.panic_on_oops=1 would turn any
+# oops of this shared machine into a reboot).
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys
+  kernel.keys.root_maxbytes)
+
+# The control plane's binaries (kubelet, kubectl), by the same rule its script uses.
+bin_dir() { bash "${HERE}/../controlplane/controlplane.sh" bin-dir; }
+
+paths() {
+  DIR="$(cd "$1" && pwd)"
+  NODE="${DIR}/node"
+  LOGS="${DIR}/node/logs"
+  SOCK="${NODE}/containerd/containerd.sock"
+}
+
+# ---------------------------------------------------------------------------------------------- start
+
+# launch NAME ARGS...: start in a session of its own (a Ctrl-C of the test runner must not kill
+# containerd under its running containers); "NAME PID" goes to pids before anything else can fail.
+launch() {
+  local name="$1"
+  shift
+  ${SETSID} "$@" </dev/null >>"${LOGS}/${name}.log" 2>&1 &
+  printf '%s %s\n' "${name}" "$!" >>"${NODE}/pids"
+}
+
+start_failed() {
+  printf '[node] error: %s; the last log lines:\n' "$1" >&2
+  local f
+  for f in "${LOGS}/containerd.log" "${LOGS}/kubelet.log"; do
+    [[ -s "${f}" ]] || continue
+    printf -- '--- %s\n' "${f}" >&2
+    tail -n 25 "${f}" >&2
+  done
+  cmd_stop "${DIR}"
+  exit 1
+}
+
+wait_for() { # wait_for WHAT COMMAND...: until COMMAND succeeds, a component dies, or the deadline
+  local what="$1" name pid
+  shift
+  until "$@" >/dev/null 2>&1; do
+    while read -r name pid; do
+      live_pid "${pid}" "${name}" >/dev/null || start_failed "${name} exited while waiting for ${what}"
+    done <"${NODE}/pids"
+    ((SECONDS < DEADLINE)) || start_failed "timed out after ${START_TIMEOUT} s waiting for ${what}"
+    sleep 0.2
+  done
+}
+
+# A /24 for the pods, and a bridge name, both derived from DIR (two nodes at once never share them),
+# moved on while the range is already routed here.
+pick_network() {
+  local h n i
+  h="$(printf '%s' "${DIR}" | sha256sum | cut -c1-8)"
+  BRIDGE="kte2e${h:0:6}"
+  n=$((16#${h:6:2}))
+  for ((i = 0; i < 256; i++)); do
+    SUBNET="10.233.$(((n + i) % 256)).0/24"
+    ip -4 route show | grep -q "^10\.233\.$(((n + i) % 256))\.0/24" || return 0
+  done
+  die "no free /24 in 10.233.0.0/16"
+}
+
+write_containerd_config() {
+  local sandbox="$1" root="$2" nofile nproc
+  read -r nofile nproc <<<"$(container_rlimits)"
+  mkdir -p "${NODE}/containerd" "${NODE}/cni/net.d"
+  # The OCI spec every container starts from: containerd's default, with rlimits that runc may set
+  # here (see container_rlimits).
+  ctr oci spec | python3 -c '
+import json, sys
+spec = json.load(sys.stdin)
+nofile, nproc = (int(v) for v in sys.argv[1:])
+spec["process"]["rlimits"] = [
+    {"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile},
+    {"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc},
+]
+json.dump(spec, sys.stdout, indent=1)
+' "${nofile}" "${nproc}" >"${NODE}/containerd/base-spec.json"
+
+  cat >"${NODE}/containerd/config.toml" <<EOF
+# Written by hack/node/node.sh for the kubetune e2e node; regenerated by every start.
+version = 2
+root = "${root}"
+state = "${NODE}/containerd/state"
+# Plugins that would write outside these folders (opt: /opt/containerd) or are of no use here.
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "${SOCK}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "${sandbox}"
+  # The kubelet asks for negative oom_score_adj values, which need CAP_SYS_RESOURCE (without this,
+  # every sandbox fails with runc's "can't get final child's PID from pipe: EOF").
+  restrict_oom_score_adj = true
+  # exec/attach/port-forward streams, proxied by the kubelet: loopback, any free port.
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      base_runtime_spec = "${NODE}/containerd/base-spec.json"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "${CNI_BIN}"
+    conf_dir = "${NODE}/cni/net.d"
+    max_conf_num = 1
+EOF
+
+  # No gateway (the bridge gets no address), no NAT, no routes: pods reach each other and nothing
+  # else. containerd adds the loopback interface itself.
+  cat >"${NODE}/cni/net.d/10-kubetune-e2e.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "kubetune-e2e-${BRIDGE#kte2e}",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "${BRIDGE}",
+      "isGateway": false,
+      "isDefaultGateway": false,
+      "ipMasq": false,
+      "hairpinMode": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "${SUBNET}"}]],
+        "dataDir": "${NODE}/cni/ipam"
+      }
+    }
+  ]
+}
+EOF
+}
+
+write_kubelet_config() {
+  local port="$1" healthz="$2"
+  mkdir -p "${NODE}/kubelet" "${NODE}/pod-logs" "${NODE}/volume-plugins"
+  cat >"${NODE}/kubelet-config.yaml" <<EOF
+# Written by hack/node/node.sh for the kubetune e2e node; regenerated by every start.
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://${SOCK}
+# Our machines have cgroup v1 (hybrid) and no systemd; pods get no QoS or pod-level cgroups, but
+# every container keeps its own memory and CPU limits (runc, cgroupfs).
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+# Loopback only. Test only: anonymous requests (the API server's, for logs and exec) are allowed
+# everything; a real node has a client CA and webhook authorization.
+address: 127.0.0.1
+port: ${port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: ${healthz}
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization:
+  mode: AlwaysAllow
+registerNode: true
+registerWithTaints:
+- {key: kubetune.io/e2e-node, value: real, effect: NoSchedule}
+# Nothing outside DIR: pod logs, volume plugins; no iptables chains, no host DNS in pods.
+podLogsDir: ${NODE}/pod-logs
+volumePluginDir: ${NODE}/volume-plugins
+makeIPTablesUtilChains: false
+resolvConf: ""
+# Our images cannot be pulled again: never garbage-collect them. Evict only when really short.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: 1%
+  nodefs.inodesFree: 1%
+  imagefs.available: 1%
+evictionPressureTransitionPeriod: 10s
+serializeImagePulls: false
+nodeStatusUpdateFrequency: 5s
+EOF
+}
+
+# Node credentials: a client certificate of the control plane's CA for system:node:localhost, so the
+# kubelet is held to what the Node authorizer grants a node. A given kubeconfig is used as it is.
+write_kubelet_kubeconfig() {
+  local kubeconfig="$1" kubectl="$2"
+  local pki="${DIR}/pki" out="${NODE}/kubelet.kubeconfig"
+  if [[ "${kubeconfig}" != "${DIR}/kubeconfig" || ! -s "${pki}/ca.key" ]]; then
+    cp "${kubeconfig}" "${out}"
+    chmod 600 "${out}"
+    return 0
+  fi
+  mkdir -p "${NODE}/pki"
+  openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkey -out "${NODE}/pki/node.key" 2>/dev/null
+  openssl req -new -key "${NODE}/pki/node.key" -subj "/O=system:nodes/CN=system:node:${NODE_NAME}" \
+    -out "${NODE}/pki/node.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
+    >"${NODE}/pki/node.ext"
+  openssl x509 -req -in "${NODE}/pki/node.csr" -CA "${pki}/ca.crt" -CAkey "${pki}/ca.key" \
+    -set_serial "0x$(openssl rand -hex 12)" -days 30 -sha256 -extfile "${NODE}/pki/node.ext" \
+    -out "${NODE}/pki/node.crt" 2>/dev/null
+  rm -f "${NODE}/pki/node.csr" "${NODE}/pki/node.ext"
+  cp "${kubeconfig}" "${out}"
+  chmod 600 "${out}"
+  "${kubectl}" --kubeconfig "${out}" config set-credentials "system:node:${NODE_NAME}" --embed-certs \
+    --client-certificate="${NODE}/pki/node.crt" --client-key="${NODE}/pki/node.key" >/dev/null
+  "${kubectl}" --kubeconfig "${out}" config set-context --current --user "system:node:${NODE_NAME}" >/dev/null
+}
+
+save_sysctls() {
+  [[ -s "${NODE}/sysctls" ]] && return 0 # a failed start left the real originals there
+  local s
+  for s in "${SYSCTLS[@]}"; do
+    printf '%s=%s\n' "${s}" "$(sysctl -n "${s}")"
+  done >"${NODE}/sysctls"
+}
+
+restore_sysctls() {
+  [[ -s "${NODE}/sysctls" ]] || return 0
+  local line changed=()
+  while read -r line; do
+    [[ "$(sysctl -n "${line%%=*}")" == "${line#*=}" ]] && continue
+    sysctl -q -w "${line}" >/dev/null 2>&1 && changed+=("${line}")
+  done <"${NODE}/sysctls"
+  [[ ${#changed[@]} -eq 0 ]] || log "restored ${changed[*]}"
+  rm -f "${NODE}/sysctls"
+}
+
+cmd_start() {
+  paths "$1"
+  local kubeconfig="${2:-${DIR}/kubeconfig}"
+  [[ ${EUID} -eq 0 ]] || die "the node needs root (containerd, runc, mounts, network namespaces)"
+  local c missing=()
+  for c in containerd containerd-shim-runc-v2 ctr runc ip openssl python3 sysctl; do
+    command -v "${c}" >/dev/null 2>&1 || missing+=("${c}")
+  done
+  [[ -x "${CNI_BIN}/bridge" && -x "${CNI_BIN}/host-local" && -x "${CNI_BIN}/loopback" ]] ||
+    missing+=("${CNI_BIN}/{bridge,host-local,loopback}")
+  [[ ${#missing[@]} -eq 0 ]] || die "missing: ${missing[*]}; run hack/node/install-deps.sh (as root)"
+  [[ -s "${kubeconfig}" ]] || die "no kubeconfig at ${kubeconfig} (start the control plane first)"
+  local bin
+  bin="$(bin_dir)"
+  [[ -x "${bin}/kubelet" && -x "${bin}/kubectl" ]] ||
+    die "no kubelet in ${bin}: run hack/controlplane/controlplane.sh build"
+  if [[ -s "${NODE}/pids" ]]; then
+    local name pid
+    while read -r name pid; do
+      live_pid "${pid}" "${name}" >/dev/null && die "a node is already running in ${NODE} (${name} pid ${pid}); stop it first"
+    done <"${NODE}/pids"
+    cmd_stop "${DIR}" # what a killed run left
+  fi
+  local sandbox
+  sandbox="$(bash "${HERE}/images.sh" names | sed -n 's/^pause=//p')"
+  bash "${HERE}/images.sh" check || die "the images are not built for these sources: run hack/node/images.sh build"
+
+  rm -rf "${NODE}/pids" "${NODE}/env" "${NODE}/containerd" "${NODE}/cni" "${NODE}/pki" "${NODE}/kubelet"
+  mkdir -p "${NODE}" "${LOGS}" "${NODE}/volumes"
+  : >"${NODE}/pids"
+  : >"${LOGS}/containerd.log"
+  : >"${LOGS}/kubelet.log"
+  START_TIMEOUT="${NODE_START_TIMEOUT:-120}"
+  DEADLINE=$((SECONDS + START_TIMEOUT))
+  local t0=${SECONDS}
+
+  # containerd's root (images, snapshots) outlives the node, under the cache. The lock's file
+  # descriptor is inherited by containerd and its shims: it is held exactly as long as they run.
+  local root="${CACHE_ROOT}/containerd" lock_fd
+  mkdir -p "${CACHE_ROOT}"
+  exec {lock_fd}>"${CACHE_ROOT}/containerd.lock"
+  if ! flock -n "${lock_fd}"; then
+    log "containerd's cached root is in use by another node; this one imports its images afresh"
+    root="${NODE}/containerd-root"
+  fi
+  printf 'containerd_root=%s\n' "${root}" >"${NODE}/env"
+  pick_network
+  write_containerd_config "${sandbox}" "${root}"
+  launch containerd containerd --config "${NODE}/containerd/config.toml"
+  exec {lock_fd}>&-
+  wait_for "containerd" ctr --address "${SOCK}" version
+  local t_containerd=$((SECONDS - t0))
+
+  bash "${HERE}/images.sh" load "${SOCK}" || start_failed "could not import the images"
+  local t_images=$((SECONDS - t0))
+
+  DEADLINE=$((SECONDS + START_TIMEOUT)) # a cold import takes minutes: the kubelet gets its own time
+  local port healthz
+  read -r port healthz <<<"$(free_ports 2)"
+  write_kubelet_config "${port}" "${healthz}"
+  write_kubelet_kubeconfig "${kubeconfig}" "${bin}/kubectl"
+  save_sysctls
+  launch kubelet "${bin}/kubelet" \
+    --config="${NODE}/kubelet-config.yaml" \
+    --kubeconfig="${NODE}/kubelet.kubeconfig" \
+    --root-dir="${NODE}/kubelet" \
+    --hostname-override="${NODE_NAME}" \
+    --node-labels="${NODE_LABEL}"
+  kubectl_() { "${bin}/kubectl" --kubeconfig "${kubeconfig}" --request-timeout=5s "$@"; }
+  wait_for "the kubelet's /healthz" curl -fs --noproxy "*" "http://127.0.0.1:${healthz}/healthz"
+  wait_for "node ${NODE_NAME} to be Ready" kubectl_ wait --for=condition=Ready "node/${NODE_NAME}" --timeout=1s
+  restore_sysctls
+
+  {
+    printf 'name=%s\nlabel=%s\ntaint=%s:NoSchedule\n' "${NODE_NAME}" "${NODE_LABEL}" "${NODE_LABEL}"
+    printf 'kubelet_port=%s\ncontainerd=%s\nbridge=%s\nsubnet=%s\n' "${port}" "${SOCK}" "${BRIDGE}" "${SUBNET}"
+    printf 'volumes=%s\npod_logs=%s\n' "${NODE}/volumes" "${NODE}/pod-logs"
+    bash "${HERE}/images.sh" names | sed 's/^/image_/'
+  } >>"${NODE}/env"
+
+  if [[ -n "${NODE_OWNER_PID:-}" ]]; then
+    ${SETSID} bash "${HERE}/node.sh" watch "${DIR}" "${NODE_OWNER_PID}" </dev/null >>"${LOGS}/node-watch.log" 2>&1 &
+    printf '%s\n' "$!" >"${NODE}/watch.pid"
+  fi
+  log "node ${NODE_NAME} Ready in $((SECONDS - t0)) s (containerd after ${t_containerd} s, images after ${t_images} s); pods on ${SUBNET} (${BRIDGE})"
+  log "logs: ${LOGS}/{containerd,kubelet}.log   stop: $0 stop ${DIR}"
+}
+
+# ---------------------------------------------------------------------------------------------- stop
+
+# The kill order is the one that leaves no mount, netns or shim behind: the kubelet first (so it
+# restarts nothing), then every container through containerd (whose shims then exit), noting each
+# sandbox's network namespace, then containerd; then whatever is still mounted under DIR/node, and the
+# network namespaces, veths and bridge of our CNI network.
+cmd_stop() {
+  paths "$1"
+  [[ -d "${NODE}" ]] || {
+    log "nothing to stop in ${NODE}"
+    return 0
+  }
+  if [[ -s "${NODE}/watch.pid" ]]; then
+    local watcher
+    watcher="$(<"${NODE}/watch.pid")"
+    if [[ "${watcher}" != "${BASHPID}" ]] && tr '\0' ' ' <"/proc/${watcher}/cmdline" 2>/dev/null | grep -q "node.sh watch"; then
+      kill -TERM "${watcher}" 2>/dev/null || true
+    fi
+    rm -f "${NODE}/watch.pid"
+  fi
+  local pids=()
+  [[ -f "${NODE}/pids" ]] && mapfile -t pids < <(tac "${NODE}/pids")
+  local entry name pid
+  for entry in "${pids[@]}"; do
+    read -r name pid <<<"${entry}"
+    [[ "${name}" == kubelet ]] && stop_process "${pid}" kubelet
+  done
+
+  local netns=() ids=() ctr_=(ctr --address "${SOCK}" --namespace k8s.io --timeout 10s)
+  if [[ -S "${SOCK}" ]] && "${ctr_[@]}" version >/dev/null 2>&1; then
+    local id
+    mapfile -t ids < <("${ctr_[@]}" containers ls --quiet)
+    mapfile -t netns < <(for id in $("${ctr_[@]}" containers ls --quiet); do
+      "${ctr_[@]}" containers info "${id}" 2>/dev/null |
+        python3 -c 'import json, sys
+spec = json.load(sys.stdin).get("Spec") or {}
+for ns in (spec.get("linux") or {}).get("namespaces") or []:
+    if ns.get("type") == "network" and ns.get("path"):
+        print(ns["path"])' || true
+    done | sort -u)
+    for id in $("${ctr_[@]}" tasks ls --quiet); do
+      "${ctr_[@]}" tasks kill --signal SIGKILL "${id}" >/dev/null 2>&1 || true
+    done
+    for id in $("${ctr_[@]}" tasks ls --quiet); do
+      "${ctr_[@]}" tasks delete --force "${id}" >/dev/null 2>&1 || true
+    done
+    for id in $("${ctr_[@]}" containers ls --quiet); do
+      "${ctr_[@]}" containers delete "${id}" >/dev/null 2>&1 || true
+    done
+  fi
+  for entry in "${pids[@]}"; do
+    read -r name pid <<<"${entry}"
+    [[ "${name}" == containerd ]] && stop_process "${pid}" containerd
+  done
+  : >"${NODE}/pids"
+  # Shims of ours that outlived their containerd (one killed hard): they name our socket.
+  for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address ${SOCK}( |$)" || true); do
+    kill -KILL "${pid}" 2>/dev/null || true
+  done
+
+  unmount_under "${NODE}"
+  local root
+  root="$(sed -n 's/^containerd_root=//p' "${NODE}/env" 2>/dev/null || true)"
+  [[ -z "${root}" ]] || unmount_under "${root}"
+
+  local ns id
+  for ns in "${netns[@]}"; do
+    [[ -e "${ns}" ]] || continue
+    ip netns delete "$(basename "${ns}")" 2>/dev/null || { umount "${ns}" 2>/dev/null; rm -f "${ns}"; } || true
+  done
+  pick_network
+  if ip link show "${BRIDGE}" >/dev/null 2>&1; then
+    local veth
+    for veth in $(ip -o link show master "${BRIDGE}" | awk -F': ' '{ print $2 }' | cut -d@ -f1); do
+      ip link delete "${veth}" 2>/dev/null || true
+    done
+    ip link delete "${BRIDGE}" 2>/dev/null || true
+  fi
+  # What the CNI library and the kubelet keep outside DIR: results cached per sandbox (our network's
+  # and containerd's loopback one), and the /var/log/containers links into our pod logs. Their
+  # folders go too once empty.
+  rm -f /var/lib/cni/results/"kubetune-e2e-${BRIDGE#kte2e}"-* 2>/dev/null || true
+  for id in "${ids[@]}"; do
+    rm -f /var/lib/cni/results/cni-loopback-"${id}"-* 2>/dev/null || true
+  done
+  local link
+  for link in /var/log/containers/*.log; do
+    [[ -L "${link}" && "$(readlink "${link}")" == "${NODE}/pod-logs/"* ]] && rm -f "${link}"
+  done
+  rmdir /var/lib/cni/results /var/lib/cni /var/log/containers /var/run/netns 2>/dev/null || true
+  # A root of this node's own (the cached one was in use) is of no use to the next one: 6 GB freed.
+  [[ "${root}" != "${NODE}/containerd-root" ]] || rm -rf "${root}"
+  restore_sysctls
+  log "stopped the node in ${NODE}"
+}
+
+stop_process() { # stop_process PID NAME: SIGTERM, then SIGKILL after 15 s
+  local pid="$1" name="$2" deadline
+  live_pid "${pid}" "${name}" >/dev/null || return 0
+  kill -TERM "${pid}" 2>/dev/null || true
+  deadline=$((SECONDS + 15))
+  while live_pid "${pid}" "${name}" >/dev/null && ((SECONDS < deadline)); do
+    sleep 0.1
+  done
+  if live_pid "${pid}" "${name}" >/dev/null; then
+    log "${name} (pid ${pid}) ignored SIGTERM for 15 s; killing it"
+    kill -KILL "${pid}" 2>/dev/null || true
+  fi
+}
+
+# Every mount point at or under $1, deepest first; lazily when busy.
+unmount_under() {
+  local prefix="$1" mp
+  [[ -d "${prefix}" ]] || return 0
+  while read -r mp; do
+    umount "${mp}" 2>/dev/null || umount -l "${mp}" 2>/dev/null || log "could not unmount ${mp}"
+  done < <(awk -v p="${prefix}" '$5 == p || index($5, p "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r)
+}
+
+# ---------------------------------------------------------------------------------------------- watch
+
+cmd_watch() { # watch DIR PID: stop the node once PID is gone (a test run killed before its teardown)
+  while pid_running "$2"; do
+    sleep 1
+  done
+  log "owner pid $2 is gone; stopping the node in $1"
+  cmd_stop "$1"
+}
+
+# ---------------------------------------------------------------------------------------------- main
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+main() {
+  local cmd="${1:-}"
+  [[ $# -gt 0 ]] && shift
+  case "${cmd}" in
+    start)
+      [[ $# -ge 1 && $# -le 2 ]] || die "usage: $0 start DIR [KUBECONFIG]"
+      cmd_start "$@"
+      ;;
+    stop)
+      [[ $# -eq 1 ]] || die "usage: $0 stop DIR"
+      cmd_stop "$1"
+      ;;
+    status)
+      [[ $# -eq 1 ]] || die "usage: $0 status DIR"
+      paths "$1"
+      cat "${NODE}/env"
+      ;;
+    watch)
+      [[ $# -eq 2 ]] || die "usage: $0 watch DIR PID"
+      cmd_watch "$1" "$2"
+      ;;
+    -h | --help | help) usage ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"

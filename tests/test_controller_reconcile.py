@@ -1,0 +1,249 @@
+"""The reconciler's wiring (read, act, write status) against an in-memory stand-in for kube.py.
+
+plan() is tested on its own (test_controller_plan.py); this checks what the I/O around it does: what it
+reads when, that a refused run is undone, that an unreadable log costs one quiet request, and that the
+status is written only when it changed. The real API server is in tests/e2e/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from unittest import mock
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubetune.contract import LABEL_JOB, LABEL_RUN, PROGRESS_TAIL_BYTES, PROGRESS_TAIL_LINES, progress_line
+from kubetune.controller.kube import METADATA_ONLY, Kube
+from kubetune.controller.reconcile import Reconciler
+
+NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def api_error(status: int, message: str = "") -> ApiException:
+    e = ApiException(status=status, reason="Reason")
+    e.body = json.dumps({"kind": "Status", "message": message}) if message else None
+    return e
+
+
+class FakeKube:
+    """The calls Reconciler makes, on dicts; `fail` maps (verb, kind) to an exception to raise."""
+
+    def __init__(self, ftj: dict[str, Any], secrets: tuple[str, ...] = ("hf",)) -> None:
+        self.ftj = ftj
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
+        self.secrets = set(secrets)
+        self.calls: list[tuple[str, ...]] = []
+        self.fail: dict[tuple[str, str], Exception] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.status_patches: list[dict[str, Any]] = []
+        self.log: str | Exception = ""
+
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", "FineTuneJob", name))
+        return copy.deepcopy(self.ftj)
+
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self.calls.append(("list", "Job", selector))
+        return [copy.deepcopy(o) for (k, _), o in self.objects.items() if k == "Job"]
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        self.calls.append(("list", "Pod", selector))
+        return copy.deepcopy(self.pods)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind, name))
+        obj = self.objects.get((kind, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        self.calls.append(("get", "Secret", name))
+        if ("get", "Secret") in self.fail:
+            raise self.fail[("get", "Secret")]
+        return name in self.secrets
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        self.calls.append(("log", pod, container))
+        if isinstance(self.log, Exception):
+            raise self.log
+        return self.log
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        self.calls.append(("create", kind, name))
+        if ("create", kind) in self.fail:
+            raise self.fail[("create", kind)]
+        if (kind, name) in self.objects:
+            return None
+        made = copy.deepcopy(obj)
+        made["metadata"]["uid"] = f"uid-{name}"
+        self.objects[(kind, name)] = made
+        return made
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.calls.append(("delete", kind, name))
+        return self.objects.pop((kind, name), None) is not None
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append(("patch", kind, name))
+
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.status_patches.append(status)
+        merged = {**(self.ftj.get("status") or {}), **status}
+        self.ftj["status"] = {k: v for k, v in merged.items() if v is not None}
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str, now: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def ftj(name: str = "demo", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"id": "a/b"},
+        "dataset": {"id": "c/d"},
+        "output": {"hub": {"repoId": "o/r", "token": {"secretKeyRef": {"name": "hf"}}}},
+        **spec,
+    }
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ns", "uid": "ftj-uid", "generation": 1},
+        "spec": body,
+    }
+
+
+def reconciler(kube: FakeKube, **kw: Any) -> Reconciler:
+    return Reconciler(kube, clock=lambda: NOW, **kw)  # type: ignore[arg-type]
+
+
+def test_a_first_pass_checks_the_secret_then_creates_the_run() -> None:
+    kube = FakeKube(ftj())
+    again = reconciler(kube).reconcile("ns", "demo")
+    created = [c for c in kube.calls if c[0] == "create"]
+    assert [c[1] for c in created] == ["PersistentVolumeClaim", "ConfigMap", "Job"]
+    assert kube.calls.index(("get", "Secret", "hf")) < kube.calls.index(created[0])
+    assert [e[1] for e in kube.events] == ["RunCreated"]
+    assert kube.ftj["status"]["state"] == "Pending" and again == 30.0
+    # The next pass: the Job exists, so no Secret check, no create, and the same status is not written.
+    kube.calls.clear()
+    patches = len(kube.status_patches)
+    reconciler(kube).reconcile("ns", "demo")
+    assert not [c for c in kube.calls if c[0] == "create" or c[1] == "Secret"]
+    assert len(kube.status_patches) == patches
+
+
+def test_a_missing_secret_stops_the_pass_before_anything_is_created() -> None:
+    kube = FakeKube(ftj(), secrets=())
+    again = reconciler(kube).reconcile("ns", "demo")
+    assert not [c for c in kube.calls if c[0] == "create"] and kube.objects == {}
+    assert kube.ftj["status"]["reason"] == "SecretMissing" and again == 10.0
+    assert [e[:2] for e in kube.events] == [("Warning", "SecretMissing")]
+
+
+def test_a_secret_the_operator_may_not_read_does_not_block(caplog: pytest.LogCaptureFixture) -> None:
+    kube = FakeKube(ftj(), secrets=())
+    kube.fail[("get", "Secret")] = api_error(403)
+    with caplog.at_level(logging.DEBUG, logger="kubetune.operator"):
+        reconciler(kube).reconcile("ns", "demo")
+    assert ("Job", kube.ftj["status"]["jobName"]) in kube.objects
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # Turned off: not even asked.
+    kube = FakeKube(ftj(), secrets=())
+    reconciler(kube, secret_precheck=False).reconcile("ns", "demo")
+    assert not [c for c in kube.calls if c[1] == "Secret"]
+
+
+def test_a_refused_job_is_undone_and_reported_in_the_api_servers_words() -> None:
+    kube = FakeKube(ftj(name="tiny.dotted"))
+    message = 'Job.batch "tiny.dotted-1234" is invalid: metadata.name: Invalid value'
+    kube.fail[("create", "Job")] = api_error(422, message)
+    again = reconciler(kube).reconcile("ns", "tiny.dotted")
+    assert kube.objects == {}  # the claim and the ConfigMap this pass created are deleted again
+    status = kube.ftj["status"]
+    assert (status["state"], status["reason"]) == ("Failed", "JobRejected") and again is None
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert message in failed["message"]
+    assert [e[:2] for e in kube.events] == [("Warning", "JobRejected")]
+    # Not retried: the next pass creates nothing, records nothing.
+    kube.calls.clear()
+    kube.events.clear()
+    assert reconciler(kube).reconcile("ns", "tiny.dotted") is None
+    assert not [c for c in kube.calls if c[0] in ("create", "delete")] and kube.events == []
+
+
+def test_a_claim_from_before_survives_a_refused_run() -> None:
+    kube = FakeKube(ftj())
+    reconciler(kube).reconcile("ns", "demo")
+    run = kube.ftj["status"]["jobName"]
+    kube.objects.pop(("Job", run))
+    kube.fail[("create", "Job")] = api_error(400, "quantities must match the regular expression")
+    reconciler(kube).reconcile("ns", "demo")
+    assert list(kube.objects) == [("PersistentVolumeClaim", "demo-workspace")]  # its data stays
+    assert ("ConfigMap", run) not in kube.objects  # made by the earlier pass: the run's, so deleted
+
+
+@pytest.mark.parametrize("status", [403, 429, 500])
+def test_other_errors_are_not_rejections(status: int) -> None:
+    kube = FakeKube(ftj())
+    kube.fail[("create", "Job")] = api_error(status)
+    with pytest.raises(ApiException):  # retried with back-off by the work queue
+        reconciler(kube).reconcile("ns", "demo")
+    assert "status" not in kube.ftj
+
+
+def test_progress_comes_from_rank_0s_log_and_an_unreadable_log_is_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kube = FakeKube(ftj())
+    reconciler(kube).reconcile("ns", "demo")
+    run = kube.ftj["status"]["jobName"]
+    running = {"running": {"startedAt": "2026-11-28T09:00:00Z"}}
+    kube.pods = [
+        {
+            "metadata": {
+                "name": f"{run}-0-abcde",
+                "creationTimestamp": "2026-11-28T09:00:00Z",
+                "labels": {LABEL_RUN: run, LABEL_JOB: "demo"},
+                "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+            },
+            "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": running}]},
+        }
+    ]
+    kube.log = progress_line({"state": "Training", "step": 5, "total_steps": 10, "loss": 2.0}) + "\n"
+    assert reconciler(kube).reconcile("ns", "demo") == 10.0
+    assert ("log", f"{run}-0-abcde", "trainer") in kube.calls
+    assert (kube.ftj["status"]["phase"], kube.ftj["status"]["progress"]) == ("Training", "50%")
+    # A node the API server cannot reach for logs (KWOK's): one request, a debug line, nothing else.
+    kube.log = api_error(500, "no preferred addresses found; known addresses: []")
+    kube.calls.clear()
+    with caplog.at_level(logging.DEBUG, logger="kubetune.operator"):
+        assert reconciler(kube).reconcile("ns", "demo") == 10.0
+    assert [c for c in kube.calls if c[0] == "log"] == [("log", f"{run}-0-abcde", "trainer")]
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert kube.ftj["status"]["progress"] == "50%"  # kept from the last read
+
+
+def test_the_secret_check_asks_for_metadata_only() -> None:
+    kube = Kube.__new__(Kube)
+    kube.core = mock.Mock()
+    assert kube.secret_exists("ns", "hf") is True
+    _, kwargs = kube.core.read_namespaced_secret.call_args
+    assert kwargs["_headers"] == {"Accept": METADATA_ONLY}
+    assert METADATA_ONLY == "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    kube.core.read_namespaced_secret.side_effect = api_error(404)
+    assert kube.secret_exists("ns", "hf") is False
+
+
+def test_the_log_read_is_bounded() -> None:
+    kube = Kube.__new__(Kube)
+    kube.core = mock.Mock()
+    kube.core.read_namespaced_pod_log.return_value.data = b"line\n"
+    assert kube.pod_log("ns", "p", "trainer") == "line\n"
+    _, kwargs = kube.core.read_namespaced_pod_log.call_args
+    assert kwargs["container"] == "trainer"
+    assert (kwargs["tail_lines"], kwargs["limit_bytes"]) == (PROGRESS_TAIL_LINES, PROGRESS_TAIL_BYTES)
+    assert kwargs["_request_timeout"] == 5
