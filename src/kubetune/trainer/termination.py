@@ -12,26 +12,18 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from kubetune.api.v1alpha1 import HF_TOKEN_RE
-from kubetune.contract import ENV_HF_TOKEN, ENV_TERMINATION_LOG, termination_message
-
-# Token values the process knows beyond $HF_TOKEN (e.g. one read from the local Hugging Face login).
-_SECRETS: set[str] = set()
+from kubetune import redact as _redact
+from kubetune.contract import ENV_TERMINATION_LOG, termination_message
 
 
 def add_secret(value: str | None) -> None:
     """Redact ``value`` too from now on."""
-    if value and value.strip():
-        _SECRETS.add(value.strip())
+    _redact.add_secret(value)
 
 
 def redact(text: str, env: Mapping[str, str] = os.environ) -> str:
     """``text`` with anything token-shaped and the value of ``$HF_TOKEN`` replaced."""
-    text = HF_TOKEN_RE.sub("hf_***", text)
-    for secret in {env.get(ENV_HF_TOKEN, "").strip(), *_SECRETS}:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    return _redact.redact(text, env)
 
 
 def write_termination_log(
