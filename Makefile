@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit e2e node-deps images shellcheck generate verify bench clean
+.PHONY: setup demo test lint typecheck unit e2e node-deps images shellcheck generate verify bench fuzz clean
 
 # One virtual environment with the CLI, the trainer stack and the dev tools. uv (installed into the
 # venv itself, from PyPI) makes the ~5 GB torch install take seconds when cached.
@@ -49,9 +49,11 @@ test: lint typecheck
 	@[ "$${KUBETUNE_SKIP_E2E:-}" = 1 ] || bash hack/node/install-deps.sh
 	$(BIN)/pytest
 
-# Regenerate the CRD, the JSON schema, the README reference and the golden files from the models.
+# Regenerate the CRD, the JSON schema, the README reference, the admission policies and the golden
+# files from the models.
 generate: setup
 	$(PY) -m kubetune.api.generate
+	$(PY) -m kubetune.policy
 	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/test_examples.py
 
 verify: setup
@@ -60,6 +62,13 @@ verify: setup
 bench: setup
 	$(PY) bench/startup.py
 	$(PY) bench/tiny_run.py
+
+# A long run of the property tests (tests/test_properties.py; its short "ci" run is part of `make test`):
+# FUZZ_EXAMPLES random mutations per property, failures kept in .hypothesis/ and replayed first next time.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	HYPOTHESIS_PROFILE=long FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_properties.py; status=$$?; cat .hypothesis/fuzz-summary.txt; exit $$status
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.policy import KEYS, Limits, admission_policies, load
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
 CRD = ROOT / "manifests" / "crd" / "kubetune.io_finetunejobs.yaml"
@@ -29,6 +31,7 @@ CRD_COPIES = (
     ROOT / "manifests" / "base" / "crd" / "kubetune.io_finetunejobs.yaml",
 )
 BASE = ROOT / "manifests" / "base"
+SINGLE_NAMESPACE = ROOT / "manifests" / "overlays" / "single-namespace"
 BUILD_HELM = ROOT / "hack" / "helm" / "build.sh"
 SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
 RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
@@ -66,6 +69,11 @@ OPERATOR_RULES: frozenset[Rule] = frozenset(
 # The one grant secretPreCheck.enabled=false takes away (the metadata-only GET before a run starts).
 SECRET_PRECHECK_RULES: frozenset[Rule] = frozenset([("", "secrets", "get", "")])
 LEASE = "kubetune-operator"
+# The policy ConfigMap (kubetune.policy): listed and watched by name in the release namespace.
+POLICY_CONFIGMAP = "kubetune-policy"
+POLICY_RULES: frozenset[Rule] = frozenset(
+    [("", "configmaps", "list", POLICY_CONFIGMAP), ("", "configmaps", "watch", POLICY_CONFIGMAP)]
+)
 LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
     [
         ("coordination.k8s.io", "leases", "create", ""),
@@ -73,6 +81,18 @@ LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
         ("coordination.k8s.io", "leases", "update", LEASE),
     ]
 )
+
+# The roles for people who create FineTuneJobs, aggregated into the built-in edit/admin and view roles.
+USER_EDIT_RULES: frozenset[Rule] = frozenset(
+    ("kubetune.io", "finetunejobs", verb, "")
+    for verb in ("create", "update", "patch", "delete", "get", "list", "watch")
+)
+USER_VIEW_RULES: frozenset[Rule] = frozenset(
+    ("kubetune.io", resource, verb, "")
+    for resource in ("finetunejobs", "finetunejobs/status")
+    for verb in ("get", "list", "watch")
+)
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
 
 # The Python client's methods the controller calls, as the grants they need. A listing method also
 # serves the watch on the same resource (Kube.stream), so it needs both verbs.
@@ -108,6 +128,7 @@ CLIENT_CALLS: dict[str, set[Rule]] = {
     "read_namespaced_lease": {("coordination.k8s.io", "leases", "get", LEASE)},
     "create_namespaced_lease": {("coordination.k8s.io", "leases", "create", "")},
     "replace_namespaced_lease": {("coordination.k8s.io", "leases", "update", LEASE)},
+    "list_namespaced_config_map": set(POLICY_RULES),
 }
 
 
@@ -245,6 +266,16 @@ VARIANTS = {
     "watch-namespace": ["--set", "watchNamespace=ml-team"],
     "no-secret-precheck": ["--set", "secretPreCheck.enabled=false"],
     "no-crds-existing-sa": ["--set", "crds.enabled=false,serviceAccount.create=false,serviceAccount.name=op"],
+    "limits": [
+        "--set",
+        "policy.maxGPUsPerJob=8",
+        "--set-json",
+        'policy.allowedImagePrefixes=["r.example/ml/"]',
+    ],
+    "no-policy-objects": [
+        "--set",
+        "admissionPolicy.enabled=false,policy.create=false,aggregatedRoles.enabled=false",
+    ],
 }
 
 
@@ -259,10 +290,19 @@ def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None
     docs = helm.template()
     assert kinds(docs) == [
         ("ClusterRole", "kubetune"),
+        ("ClusterRole", "kubetune-edit"),
+        ("ClusterRole", "kubetune-view"),
         ("ClusterRoleBinding", "kubetune"),
+        ("ConfigMap", "kubetune-policy"),
         ("CustomResourceDefinition", "finetunejobs.kubetune.io"),
         ("Deployment", "kubetune"),
+        ("Role", "kubetune-policy-reader"),
+        ("RoleBinding", "kubetune-policy-reader"),
         ("ServiceAccount", "kubetune"),
+        ("ValidatingAdmissionPolicy", "kubetune-author-access"),
+        ("ValidatingAdmissionPolicy", "kubetune-limits"),
+        ("ValidatingAdmissionPolicyBinding", "kubetune-author-access"),
+        ("ValidatingAdmissionPolicyBinding", "kubetune-limits"),
     ]
     for d in docs:
         labels = d["metadata"]["labels"]
@@ -270,7 +310,7 @@ def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None
         if d["kind"] != "CustomResourceDefinition":  # the CRD's labels are the generated ones
             assert labels["app.kubernetes.io/instance"] == RELEASE
             assert labels["helm.sh/chart"] == "kubetune-0.1.0"
-            if d["kind"] in ("ServiceAccount", "Deployment"):
+            if d["kind"] in ("ServiceAccount", "Deployment", "ConfigMap", "Role", "RoleBinding"):
                 assert d["metadata"]["namespace"] == RELEASE_NS
 
     deployment = one(docs, "Deployment")
@@ -289,6 +329,7 @@ def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None
     assert flag(c, "log-format") == "json"
     assert flag(c, "health-addr") == "0.0.0.0:8080"
     assert flag(c, "image-pull-grace") == "300"
+    assert flag(c, "policy-configmap") == f"{RELEASE_NS}/kubetune-policy"
     for absent in ("metrics-addr", "leader-elect", "namespace", "image"):
         assert flag(c, absent) is None, absent
 
@@ -356,7 +397,7 @@ def test_schema_keeps_pod_security(helm: Helm, args: list[str], message: str) ->
 
 
 def test_operator_rules_are_exactly_the_calls_it_makes(helm: Helm) -> None:
-    role = one(helm.template(), "ClusterRole")
+    role = one(helm.template(), "ClusterRole", "kubetune")
     assert expand(role["rules"]) == OPERATOR_RULES
 
 
@@ -377,13 +418,18 @@ def test_operator_rules_cover_every_client_call_in_the_controller() -> None:
         assert not unknown, f"{source.name} calls {sorted(unknown)}: add their grants to the chart and here"
         for call in calls:
             needed |= CLIENT_CALLS[call]
-    granted = OPERATOR_RULES | (LEADER_ELECTION_RULES if (controller / "leader.py").exists() else frozenset())
+    granted = OPERATOR_RULES | POLICY_RULES
+    granted |= LEADER_ELECTION_RULES if (controller / "leader.py").exists() else frozenset()
     assert needed == granted
 
 
 def test_watch_namespace_grants_a_role_there_only(helm: Helm) -> None:
     docs = helm.template("--set", "watchNamespace=ml-team")
-    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # Cluster-wide: only the roles for people (aggregated into edit/view), which grant the operator nothing.
+    cluster_wide = [
+        (d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
+    ]
+    assert cluster_wide == [("ClusterRole", "kubetune-edit"), ("ClusterRole", "kubetune-view")]
     role = one(docs, "Role", "kubetune")
     assert role["metadata"]["namespace"] == "ml-team"
     assert expand(role["rules"]) == OPERATOR_RULES
@@ -440,7 +486,7 @@ def test_no_grant_for_trainer_pods() -> None:
 def test_secret_precheck_can_be_turned_off(helm: Helm) -> None:
     assert flag(container(helm.template()), "no-secret-precheck") is None
     docs = helm.template("--set", "secretPreCheck.enabled=false")
-    assert expand(one(docs, "ClusterRole")["rules"]) == OPERATOR_RULES - SECRET_PRECHECK_RULES
+    assert expand(one(docs, "ClusterRole", "kubetune")["rules"]) == OPERATOR_RULES - SECRET_PRECHECK_RULES
     assert flag(container(docs), "no-secret-precheck") == ""
     role = one(helm.template("--set", "secretPreCheck.enabled=false,watchNamespace=ml"), "Role", "kubetune")
     assert expand(role["rules"]) == OPERATOR_RULES - SECRET_PRECHECK_RULES
@@ -499,6 +545,9 @@ def test_kube_version_constraint(helm: Helm) -> None:
         ["--set", "leaderElection.bogus=1"],
         ["--set", "metrics.service.bogus=1"],
         ["--set", "secretPreCheck.bogus=1"],
+        ["--set", "policy.allowedImages=x"],
+        ["--set", "admissionPolicy.bogus=1"],
+        ["--set", "aggregatedRoles.bogus=1"],
         ["--set", "securityContext.bogus=1"],
         ["--set", "resources.bogus=1"],
         ["--set", "replicas=2"],  # the key is replicaCount
@@ -520,6 +569,12 @@ def test_schema_rejects_unknown_keys(helm: Helm, args: list[str]) -> None:
         ["--set", "replicaCount=two"],
         ["--set", "imagePullGraceSeconds=-1"],
         ["--set", "secretPreCheck.enabled=maybe"],
+        ["--set", "policy.maxGPUsPerJob=-1"],
+        ["--set", "policy.maxGPUsPerJob=eight"],
+        ["--set-json", 'policy.allowedImagePrefixes=[""]'],
+        ["--set", "admissionPolicy.parameterNotFoundAction=Ignore"],
+        ["--set-json", 'admissionPolicy.validationActions=["Block"]'],
+        ["--set-json", "admissionPolicy.validationActions=[]"],
     ],
     ids=lambda a: a[-1],
 )
@@ -602,9 +657,13 @@ def _base_docs() -> list[dict[str, Any]]:
 def test_base_rbac_is_the_charts(helm: Helm) -> None:
     base = _base_docs()
     chart = helm.template("--set", "leaderElection.enabled=true")
-    assert expand(one(base, "ClusterRole")["rules"]) == expand(one(chart, "ClusterRole")["rules"])
+    assert expand(one(base, "ClusterRole")["rules"]) == expand(one(chart, "ClusterRole", "kubetune")["rules"])
     assert expand(one(base, "ClusterRole")["rules"]) == OPERATOR_RULES
-    assert expand(one(base, "Role")["rules"]) == expand(one(chart, "Role")["rules"]) == LEADER_ELECTION_RULES
+    assert (
+        expand(one(base, "Role")["rules"])
+        == expand(one(chart, "Role", "kubetune-leader-election")["rules"])
+        == LEADER_ELECTION_RULES
+    )
     assert {d["kind"] for d in base} == {
         "ServiceAccount",
         "ClusterRole",
@@ -633,3 +692,196 @@ def test_base_pod_is_the_charts(helm: Helm) -> None:
     chart_args = [a for a in c["args"] if not a.startswith("--leader-election-namespace=")]
     assert b["args"] == chart_args
     assert {e["name"] for e in b["env"]} == {e["name"] for e in c["env"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policy: limits (the ConfigMap), the admission policies, the roles for people
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_policy_values_fill_the_configmap_the_operator_reads(helm: Helm) -> None:
+    docs = helm.template()
+    configmap = one(docs, "ConfigMap", "kubetune-policy")
+    assert configmap["metadata"]["namespace"] == RELEASE_NS
+    assert set(configmap["data"]) == set(KEYS)  # every key, empty: no limit
+    assert load(configmap["data"], "x") == Limits("x")
+    assert flag(container(docs), "policy-configmap") == f"{RELEASE_NS}/kubetune-policy"
+
+    docs = helm.template(
+        "--set-json",
+        'policy.allowedImagePrefixes=["registry.example.com/ml/","ghcr.io/kubetune/"]',
+        "--set",
+        "policy.maxGPUsPerJob=1000000",
+        "--set-json",
+        'policy.allowedTolerationKeys=["team-a"]',
+        "--set-json",
+        'policy.allowedNodeSelectorKeys=["pool","zone"]',
+        "--set-json",
+        'policy.allowedPriorityClasses=["low"]',
+    )
+    data = one(docs, "ConfigMap", "kubetune-policy")["data"]
+    assert data["maxGPUsPerJob"] == "1000000"  # not 1e+06
+    assert load(data, "x") == Limits(
+        "x",
+        allowed_image_prefixes=("registry.example.com/ml/", "ghcr.io/kubetune/"),
+        max_gpus_per_job=1000000,
+        allowed_priority_classes=("low",),
+        allowed_toleration_keys=("team-a",),
+        allowed_node_selector_keys=("pool", "zone"),
+    )
+    # Their own ConfigMap: the chart makes none, and everything else still points at it.
+    docs = helm.template("--set", "policy.create=false")
+    assert not [d for d in docs if d["kind"] == "ConfigMap"]
+    assert flag(container(docs), "policy-configmap") == f"{RELEASE_NS}/kubetune-policy"
+    assert one(docs, "ValidatingAdmissionPolicyBinding", "kubetune-limits")["spec"]["paramRef"]["name"] == (
+        "kubetune-policy"
+    )
+
+
+def test_the_operator_may_read_that_one_configmap(helm: Helm) -> None:
+    for args in ([], ["--set", "watchNamespace=ml-team"]):
+        docs = helm.template(*args)
+        role = one(docs, "Role", "kubetune-policy-reader")
+        assert role["metadata"]["namespace"] == RELEASE_NS
+        assert expand(role["rules"]) == POLICY_RULES
+        binding = one(docs, "RoleBinding", "kubetune-policy-reader")
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune", "namespace": RELEASE_NS}
+        ]
+
+
+def test_admission_policies_are_the_generated_ones(helm: Helm) -> None:
+    docs = helm.template()
+    for suffix, spec in admission_policies().items():
+        name = f"kubetune-{suffix}"
+        policy = one(docs, "ValidatingAdmissionPolicy", name)
+        assert "namespace" not in policy["metadata"]
+        assert json.dumps(policy["spec"], sort_keys=True) == json.dumps(spec, sort_keys=True)
+        binding = one(docs, "ValidatingAdmissionPolicyBinding", name)
+        assert binding["spec"]["policyName"] == name
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        assert "matchResources" not in binding["spec"]  # every namespace
+    # The limits come from the ConfigMap in the release namespace; without it, nothing is admitted.
+    assert one(docs, "ValidatingAdmissionPolicyBinding", "kubetune-limits")["spec"]["paramRef"] == {
+        "name": "kubetune-policy",
+        "namespace": RELEASE_NS,
+        "parameterNotFoundAction": "Deny",
+    }
+    # The author-access check has no parameter: nothing done to the ConfigMap can turn it off.
+    assert "paramRef" not in one(docs, "ValidatingAdmissionPolicyBinding", "kubetune-author-access")["spec"]
+
+    docs = helm.template(
+        "--set",
+        "watchNamespace=ml-team,admissionPolicy.parameterNotFoundAction=Allow",
+        "--set-json",
+        'admissionPolicy.validationActions=["Warn","Audit"]',
+    )
+    for suffix in admission_policies():
+        spec = one(docs, "ValidatingAdmissionPolicyBinding", f"kubetune-{suffix}")["spec"]
+        assert spec["validationActions"] == ["Warn", "Audit"]
+        assert spec["matchResources"] == {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ml-team"}}
+        }
+    assert (
+        one(docs, "ValidatingAdmissionPolicyBinding", "kubetune-limits")["spec"]["paramRef"][
+            "parameterNotFoundAction"
+        ]
+        == "Allow"
+    )
+
+    off = helm.template("--set", "admissionPolicy.enabled=false")
+    assert not [d for d in off if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    # The operator still checks the limits (for clusters where the policy is off).
+    assert flag(container(off), "policy-configmap") == f"{RELEASE_NS}/kubetune-policy"
+    one(off, "ConfigMap", "kubetune-policy")
+
+
+def test_roles_for_people_aggregate_into_edit_admin_and_view(helm: Helm) -> None:
+    docs = helm.template()
+    edit, view = one(docs, "ClusterRole", "kubetune-edit"), one(docs, "ClusterRole", "kubetune-view")
+    assert expand(edit["rules"]) == USER_EDIT_RULES
+    assert expand(view["rules"]) == USER_VIEW_RULES
+    aggregated = {
+        name: sorted(
+            k.removeprefix(AGGREGATE)
+            for k, v in role["metadata"]["labels"].items()
+            if k.startswith(AGGREGATE) and v == "true"
+        )
+        for name, role in (("edit", edit), ("view", view))
+    }
+    assert aggregated == {"edit": ["admin", "edit"], "view": ["view"]}
+    # Status is the operator's: no one else may write it.
+    assert not {
+        r
+        for r in USER_EDIT_RULES | USER_VIEW_RULES
+        if r[1] == "finetunejobs/status" and r[2] not in ("get", "list", "watch")
+    }
+    off = helm.template("--set", "aggregatedRoles.enabled=false")
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "ClusterRole"] == ["kubetune"]
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_base_policy_and_roles_are_the_charts(helm: Helm) -> None:
+    chart = helm.template()
+    base = [d for f in ("policy.yaml", "admission-policy.yaml", "user-roles.yaml") for d in _docs(BASE / f)]
+    assert kinds(base) == [
+        ("ClusterRole", "kubetune-edit"),
+        ("ClusterRole", "kubetune-view"),
+        ("ConfigMap", "kubetune-policy"),
+        ("Role", "kubetune-policy-reader"),
+        ("RoleBinding", "kubetune-policy-reader"),
+        ("ValidatingAdmissionPolicy", "kubetune-author-access"),
+        ("ValidatingAdmissionPolicy", "kubetune-limits"),
+        ("ValidatingAdmissionPolicyBinding", "kubetune-author-access"),
+        ("ValidatingAdmissionPolicyBinding", "kubetune-limits"),
+    ]
+    for kind, name in kinds(base):
+        b, c = one(base, kind, name), one(chart, kind, name)
+        if kind in ("ClusterRole", "Role"):
+            assert expand(b["rules"]) == expand(c["rules"]), name
+            assert {k: v for k, v in b["metadata"]["labels"].items() if k.startswith(AGGREGATE)} == {
+                k: v for k, v in c["metadata"]["labels"].items() if k.startswith(AGGREGATE)
+            }
+        elif kind == "ConfigMap":
+            assert load(b["data"], "x") == load(c["data"], "x") == Limits("x")
+        elif kind == "RoleBinding":
+            assert b["roleRef"] == c["roleRef"]
+            assert b["subjects"] == [
+                {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}
+            ]
+        else:  # the policies, and their bindings (the release namespace is kubetune-system in both)
+            assert json.dumps(b["spec"], sort_keys=True) == json.dumps(c["spec"], sort_keys=True), name
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert {"policy.yaml", "admission-policy.yaml", "user-roles.yaml"} <= set(kustomization["resources"])
+    # kustomize takes ValidatingAdmissionPolicies for namespaced: this transformer takes the namespace away.
+    assert kustomization["transformers"] == ["cluster-scoped.yaml"]
+
+
+def test_single_namespace_overlay_grants_the_operator_a_role_there_only(helm: Helm) -> None:
+    overlay = _docs(SINGLE_NAMESPACE / "role.yaml")
+    chart = helm.template("--set", "watchNamespace=ml-team")
+    role = one(overlay, "Role", "kubetune-operator")
+    assert role["metadata"]["namespace"] == "ml-team"
+    assert expand(role["rules"]) == expand(one(chart, "Role", "kubetune")["rules"]) == OPERATOR_RULES
+    binding = one(overlay, "RoleBinding", "kubetune-operator")
+    assert binding["metadata"]["namespace"] == "ml-team"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "kubetune-operator",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}
+    ]
+    # What kustomize makes of it (no ClusterRole for the operator, --namespace=ml-team, bindings scoped
+    # to ml-team) is checked by tests/e2e/test_install.py, with kubectl's kustomize.
+    kustomization = yaml.safe_load((SINGLE_NAMESPACE / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../../base", "role.yaml"]

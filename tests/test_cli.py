@@ -53,6 +53,55 @@ def test_validate_fails_when_no_job_found(tmp_path: Path) -> None:
     assert result.exit_code == 1
 
 
+def test_validate_names_missing_paths_and_empty_folders(tmp_path: Path) -> None:
+    """A wrong path is a problem in the usual format (not click's usage error), with the fix."""
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "nope.yaml"), str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{tmp_path / 'nope.yaml'}:0: <file>: no such file or folder: check the path",
+        f"{tmp_path / 'empty'}:0: <file>: no .yaml or .yml file in this folder: pass the files, "
+        "or the folder that holds them",
+    ]
+    assert result.stderr == "2 error(s) in 0 file(s)\n"
+
+
+def test_validate_reads_standard_input() -> None:
+    text = (ROOT / "jobs/bloom-lora.yaml").read_text()
+    result = CliRunner().invoke(main, ["validate", "-"], input=text)
+    assert result.exit_code == 0 and result.stdout == "ok: 1 FineTuneJob(s) valid in 1 file(s)\n"
+    result = CliRunner().invoke(main, ["validate", "-"], input=text.replace("type: lora", "type: lora2"))
+    assert result.exit_code == 1 and result.stdout.startswith("<stdin>:17: spec.method.type: ")
+
+
+def test_validate_never_echoes_a_token(tmp_path: Path) -> None:
+    """The token scan runs before the apiVersion check (which shows what it got) and unknown fields."""
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    text = (ROOT / "jobs/bloom-lora.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("apiVersion: kubetune.io/v1alpha1", f"apiVersion: {token}"))
+    key = tmp_path / "key.yaml"
+    key.write_text(text.replace("    epochs: 1\n", f"    epochs: 1\n    {token}: 1\n"))
+    result = CliRunner().invoke(main, ["validate", str(bad), str(key)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{bad}:4: apiVersion: looks like a Hugging Face token: never put a token in a spec; store it in a "
+        "Secret and reference it with spec.output.hub.token.secretKeyRef",
+        f"{key}:26: spec.training.hf_***: looks like a Hugging Face token: never put a token in a spec; "
+        "store it in a Secret and reference it with spec.output.hub.token.secretKeyRef",
+    ]
+    assert token not in result.output and token[3:] not in result.output
+
+
+def test_validate_reads_values_as_kubectl_does(tmp_path: Path) -> None:
+    """`2e-4` is a number for kubectl (go-yaml), not the string PyYAML makes of it."""
+    text = (ROOT / "jobs/bloom-lora.yaml").read_text().replace("learningRate: 1.0e-4", "learningRate: 2e-4")
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(job)])
+    assert result.exit_code == 0, result.output
+
+
 def test_render_prints_the_objects() -> None:
     result = CliRunner().invoke(main, ["render", str(ROOT / "jobs/bloom-lora.yaml"), "-n", "team-x"])
     assert result.exit_code == 0, result.output

@@ -26,6 +26,7 @@ from kubetune.controller.plan import (
     Plan,
     plan,
 )
+from kubetune.policy import Limits
 from kubetune.render import render_claim, render_job, run_name
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
@@ -703,3 +704,76 @@ def test_a_failed_pod_the_job_has_not_counted_yet_is_no_preemption() -> None:
     passes(jobs=[trainer_job(obj)], pods=[pod("Running")], claim=claim(obj))
     p = passes(jobs=[trainer_job(obj)], pods=[failed_pod(137, "OOMKilled")], claim=claim(obj))
     assert (p.status["reason"], p.status["restarts"]) == ("OOMKilled", 0) and "preemptions" not in p.status
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policy's limits (kubetune.policy), checked before a run is created
+# ---------------------------------------------------------------------------------------------------
+
+POLICY = "ConfigMap kubetune-system/kubetune-policy"
+
+
+def test_a_spec_over_the_limits_fails_with_policy_violation_and_creates_nothing() -> None:
+    limits = Limits(source=POLICY, max_gpus_per_job=8, allowed_image_prefixes=("registry.example.com/ml/",))
+    passes = Pass(ftj(resources={"gpusPerNode": 8, "nodes": 2}, image="evil.example/x:1"))
+    p = passes(secret="present", limits=limits)
+    assert p.actions == [] and p.requeue is None
+    assert (p.status["state"], p.status["reason"]) == ("Failed", "PolicyViolation")
+    message = cond(p.status, "Failed")["message"]
+    # Both problems, each with its field, the limit and who can change it.
+    assert message.startswith('spec.image: "evil.example/x:1" is not allowed'), message
+    assert "spec.resources: 16 GPUs (gpusPerNode 8 x nodes 2) is more than the 8" in message
+    assert message.count(f"ask your platform team to change {POLICY}") == 2
+    assert message.endswith(
+        f"No run is created; it is checked again when the FineTuneJob or {POLICY} changes"
+    )
+    assert (
+        cond(p.status, "Valid")["status"] == "False"
+        and cond(p.status, "Valid")["reason"] == "PolicyViolation"
+    )
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "PolicyViolation")]
+    # The next pass with the same limits says the same, and records nothing new.
+    again = passes(secret="present", limits=limits)
+    assert again.actions == [] and again.events == [] and again.status == p.status
+
+
+def test_policy_violation_is_decided_again_when_the_limits_change() -> None:
+    passes = Pass(ftj(resources={"gpusPerNode": 8, "nodes": 2}))
+    assert (
+        passes(secret="present", limits=Limits(source=POLICY, max_gpus_per_job=8)).status["state"] == "Failed"
+    )
+    p = passes(secret="present", limits=Limits(source=POLICY, max_gpus_per_job=16))
+    assert ("create", "Job", run_name(model(passes.obj))) in kinds(p)
+    assert (p.status["state"], p.status["reason"]) == ("Pending", "Starting")
+    assert cond(p.status, "Valid")["reason"] == "SpecValid"
+    assert "Failed" not in {c["type"] for c in p.status["conditions"]}
+
+
+def test_policy_violation_is_decided_again_when_the_spec_changes() -> None:
+    limits = Limits(source=POLICY, allowed_priority_classes=("low",))
+    passes = Pass(ftj(resources={"gpusPerNode": 1, "priorityClassName": "high"}))
+    assert passes(secret="present", limits=limits).status["reason"] == "PolicyViolation"
+    passes.obj = {
+        **ftj(generation=2, resources={"gpusPerNode": 1, "priorityClassName": "low"}),
+        "status": passes.obj["status"],
+    }
+    p = passes(secret="present", limits=limits)
+    assert p.status["state"] == "Pending" and any(k == "Job" for _, k, _ in kinds(p))
+
+
+def test_limits_that_cannot_be_read_hold_every_new_run() -> None:
+    passes = Pass(ftj())
+    problem = f"{POLICY}, which holds the limits on FineTuneJobs, does not exist"
+    p = passes(secret="present", policy_problem=problem)
+    assert p.actions == []
+    assert (p.status["state"], p.status["reason"]) == ("Pending", "PolicyUnavailable")
+    assert cond(p.status, "Running")["message"] == problem
+    assert p.requeue == 10.0 and reasons(p) == ["PolicyUnavailable"]
+
+
+def test_tighter_limits_leave_a_running_run_alone() -> None:
+    obj = ftj(resources={"gpusPerNode": 8, "nodes": 2})
+    job = trainer_job(obj, active=2)
+    p = plan(observe(obj, jobs=[job], limits=Limits(source=POLICY, max_gpus_per_job=1)), NOW)
+    assert p.status["reason"] != "PolicyViolation"
+    assert not any(isinstance(a, Delete) for a in p.actions)

@@ -7,9 +7,15 @@ status is written only when it changed. The real API server is in tests/e2e/.
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
 import logging
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 from unittest import mock
@@ -158,10 +164,10 @@ def test_a_secret_the_operator_may_not_read_does_not_block(caplog: pytest.LogCap
 
 
 def test_a_refused_job_is_undone_and_reported_in_the_api_servers_words() -> None:
-    kube = FakeKube(ftj(name="tiny.dotted"))
-    message = 'Job.batch "tiny.dotted-1234" is invalid: metadata.name: Invalid value'
+    kube = FakeKube(ftj(name="tiny"))
+    message = 'Job.batch "tiny-1234" is invalid: metadata.name: Invalid value'
     kube.fail[("create", "Job")] = api_error(422, message)
-    again = reconciler(kube).reconcile("ns", "tiny.dotted")
+    again = reconciler(kube).reconcile("ns", "tiny")
     assert kube.objects == {}  # the claim and the ConfigMap this pass created are deleted again
     status = kube.ftj["status"]
     assert (status["state"], status["reason"]) == ("Failed", "JobRejected") and again is None
@@ -171,7 +177,7 @@ def test_a_refused_job_is_undone_and_reported_in_the_api_servers_words() -> None
     # Not retried: the next pass creates nothing, records nothing.
     kube.calls.clear()
     kube.events.clear()
-    assert reconciler(kube).reconcile("ns", "tiny.dotted") is None
+    assert reconciler(kube).reconcile("ns", "tiny") is None
     assert not [c for c in kube.calls if c[0] in ("create", "delete")] and kube.events == []
 
 
@@ -247,3 +253,76 @@ def test_the_log_read_is_bounded() -> None:
     assert kwargs["container"] == "trainer"
     assert (kwargs["tail_lines"], kwargs["limit_bytes"]) == (PROGRESS_TAIL_LINES, PROGRESS_TAIL_BYTES)
     assert kwargs["_request_timeout"] == 5
+
+
+TOKEN = "hf_" + "ReconcileNeverLeaks0123456789"
+
+
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [
+        pytest.param({"samples": {"prompts": ["ok", f"use {TOKEN}"]}}, "spec.samples.prompts[1]", id="value"),
+        pytest.param(
+            {"podMetadata": {"annotations": {TOKEN: "x"}}}, "spec.podMetadata.annotations.hf_***", id="key"
+        ),
+        pytest.param(
+            {"samples": {"prompts": [base64.b64encode(TOKEN.encode()).decode()]}},
+            "spec.samples.prompts[0]",
+            id="base64",
+        ),
+    ],
+)
+def test_a_token_in_the_spec_fails_it_by_where_it_is_and_creates_nothing(
+    spec: dict[str, Any], where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = FakeKube(ftj(**spec))
+    with caplog.at_level(logging.INFO, logger="kubetune.operator"):
+        assert reconciler(kube).reconcile("ns", "demo") is None
+    assert not [c for c in kube.calls if c[0] == "create"] and kube.objects == {}
+    status = kube.ftj["status"]
+    assert (status["state"], status["reason"]) == ("Failed", "InvalidSpec")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["message"].startswith(f"{where}: looks like a Hugging Face token")
+    assert "secretKeyRef" in failed["message"]
+    written = json.dumps([kube.status_patches, kube.events]) + caplog.text
+    assert TOKEN not in written and base64.b64encode(TOKEN.encode()).decode() not in written
+
+
+@pytest.fixture
+def operator_log() -> Iterator[io.StringIO]:
+    """The operator's own logging set-up (JSON lines), written to a buffer; undone afterwards."""
+    from kubetune import redact as rd
+    from kubetune.controller.operator import log, setup_logging
+
+    saved = (log.handlers[:], log.level, log.propagate, logging.getLogRecordFactory(), set(rd._INSTALLED))
+    hooks = (sys.excepthook, threading.excepthook, warnings.showwarning, logging.Handler.handleError)
+    setup_logging("json")
+    buffer = io.StringIO()
+    handler = log.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(buffer)
+    try:
+        yield buffer
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+        logging.setLogRecordFactory(saved[3])
+        rd._INSTALLED.clear()
+        rd._INSTALLED.update(saved[4])
+        sys.excepthook, threading.excepthook, warnings.showwarning = hooks[:3]
+        logging.Handler.handleError = hooks[3]  # type: ignore[method-assign]
+
+
+def test_what_the_api_server_echoes_is_redacted_in_status_events_and_logs(operator_log: io.StringIO) -> None:
+    """A refusal whose message repeats a secret (a value the API server quotes back): the condition,
+    the event and the operator's log line carry it masked."""
+    kube = FakeKube(ftj())
+    echo = f'Job.batch "demo-1" is invalid: spec.template.metadata.annotations: Invalid value: "{TOKEN}"'
+    kube.fail[("create", "Job")] = api_error(422, echo)
+    reconciler(kube).reconcile("ns", "demo")
+    failed = next(c for c in kube.ftj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "JobRejected" and 'Invalid value: "hf_***"' in failed["message"]
+    assert [e[1] for e in kube.events] == ["JobRejected"] and "hf_***" in kube.events[0][2]
+    err = operator_log.getvalue()
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any("API server refused Job" in r["msg"] and "hf_***" in r["msg"] for r in lines), lines
+    assert TOKEN not in json.dumps([kube.status_patches, kube.events]) + err

@@ -131,3 +131,27 @@ def test_transition_times_move_only_on_flips() -> None:
 
 def test_durations() -> None:
     assert [format_duration(s) for s in (5, 65, 3600, 4330, None)] == ["5s", "1m05s", "1h00m", "1h12m", "?"]
+
+
+TOKEN = "hf_" + "StatusNeverLeaks0123456789ab"
+
+
+def test_no_secret_in_any_message_even_when_the_log_end_cuts_a_token() -> None:
+    # The kubelet's copy of the log's end; kept to its last 600 characters, which here start inside
+    # the token: cut first and its tail would no longer look like one.
+    tail = "x" * 900 + f" Authorization: Bearer {TOKEN} " + "y" * 580
+    failure = pod_failure(pod("Failed", {"terminated": {"exitCode": 1, "message": tail}}), JOB)
+    assert TOKEN[-12:] not in failure.message and failure.message.endswith("y")
+    # The trainer's own message, and a known secret of another shape in a condition.
+    said = termination_message("TrainerError", f"the Hub said: token {TOKEN} refused")
+    failure = pod_failure(pod("Failed", {"terminated": {"exitCode": 6, "message": said}}), JOB)
+    assert failure.reason == "TrainerError" and "token hf_*** refused" in failure.message
+    pulling = pod(
+        "Pending",
+        {"waiting": {"reason": "ErrImagePull", "message": "pull https://bot:s3cr3t-pw@registry.example/x"}},
+    )
+    problem = image_pull_problem([pulling])
+    assert problem is not None and "s3cr3t-pw" not in problem.message and "bot:***@" in problem.message
+    conds = Conditions([], NOW, 1)
+    conds.set("Failed", True, "TrainerError", f"echo: {TOKEN}")
+    assert conds.items[0]["message"] == "echo: hf_***"

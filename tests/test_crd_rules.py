@@ -1,13 +1,17 @@
 """The generated CRD enforces what the models enforce, checked without a cluster.
 
 The OpenAPI part is checked with jsonschema (Draft 4 has OpenAPI v3.0's boolean exclusive bounds;
-unknown fields fail, as under kubectl's strict server-side field validation), the CEL rules with
-cel-python. The real API server runs these in the end-to-end tests of the operator.
+unknown fields fail, as under kubectl's strict server-side field validation; `format: int64` is given
+its bounds), the CEL rules with cel-python, given stand-ins for the Kubernetes CEL libraries the rules
+use (quantity, strings, lists). The real API server runs these in the end-to-end tests
+(tests/e2e/test_validate_agrees.py, and the operator's).
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +19,44 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+from celpy import celtypes
 
 from kubetune.api.generate import crd
+from kubetune.api.v1alpha1 import INT64_MAX, INT64_MIN, QUANTITY_RE
 from test_invalid import BASE, CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 CEL = celpy.Environment()
 
+
+class _Quantity:
+    def __init__(self, text: str) -> None:
+        m = re.fullmatch(QUANTITY_RE, text)
+        self.value = Decimal(m.group(1)) * (-1 if text.startswith("-") else 1) if m else None
+
+
+# Stand-ins for the Kubernetes CEL libraries (the API server has the real ones).
+K8S_FUNCTIONS = {
+    "isQuantity": lambda s: celtypes.BoolType(re.fullmatch(QUANTITY_RE, str(s)) is not None),
+    "quantity": lambda s: _Quantity(str(s)),
+    "isGreaterThan": lambda a, b: celtypes.BoolType(a.value is not None and a.value > b.value),
+    "indexOf": lambda s, sub: celtypes.IntType(str(s).find(str(sub))),
+    "lowerAscii": lambda s: celtypes.StringType(re.sub("[A-Z]+", lambda m: m.group().lower(), str(s))),
+    "trim": lambda s: celtypes.StringType(str(s).strip()),
+    "sum": lambda items: celtypes.IntType(sum(int(i) for i in items)),
+}
+
 # Rows of the invalid table that the API server rejects by other means, or only the models catch.
 NOT_IN_CRD = {
     "wrong-api-version": "the API server serves only kubetune.io/v1alpha1",
-    "bad-name": "the API server validates metadata.name itself",
-    "inline-hf-token-anywhere": "a regex over every string is the models' job (operator and trainer)",
-    "dataset-bad-file": "file types are checked by the models",
+    "namespace-with-dot": "the API server checks metadata.namespace itself (CEL sees only metadata.name)",
+    "infinite-float": "kubectl refuses it before the API server: JSON has no infinity",
+    "token-in-base64": "CEL cannot decode base64: `kubetune validate` and the operator find it",
+    "token-in-metadata": "CEL sees only metadata.name of metadata: `kubetune validate` and the operator "
+    "find it",
+    "configmap-over-1mib": "the ConfigMap holds the spec with every default, as YAML: CEL cannot render "
+    "it, so `kubetune validate` and the operator measure it",
 }
 
 
@@ -41,6 +69,11 @@ def _strict(node: dict[str, Any]) -> dict[str, Any]:
             node["properties"][key] = _strict(child)
     if "items" in node:
         node["items"] = _strict(node["items"])
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _strict(node["additionalProperties"])
+    if node.get("format") == "int64":  # the API server's int64 check, which Draft 4 leaves out
+        node.setdefault("minimum", INT64_MIN)
+        node.setdefault("maximum", INT64_MAX)
     return node
 
 
@@ -50,13 +83,17 @@ STRICT = _strict(SCHEMA)
 def cel_failures(schema: dict[str, Any], obj: Any, path: str = "") -> list[tuple[str, str]]:
     failures = []
     for rule in schema.get("x-kubernetes-validations", []):
-        program = CEL.program(CEL.compile(rule["rule"]))
+        program = CEL.program(CEL.compile(rule["rule"]), functions=K8S_FUNCTIONS)
         if not program.evaluate({"self": celpy.json_to_cel(obj)}):
             failures.append((path or "<root>", rule["message"]))
     if isinstance(obj, dict):
         for key, child in schema.get("properties", {}).items():
             if key in obj:
                 failures += cel_failures(child, obj[key], f"{path}.{key}".lstrip("."))
+        values = schema.get("additionalProperties")
+        if isinstance(values, dict):
+            for key, child in obj.items():
+                failures += cel_failures(values, child, f"{path}.{key}")
     if isinstance(obj, list) and "items" in schema:
         for i, item in enumerate(obj):
             failures += cel_failures(schema["items"], item, f"{path}[{i}]")
@@ -76,6 +113,19 @@ def _rules(node: dict[str, Any]) -> list[str]:
         out += _rules(child)
     if "items" in node:
         out += _rules(node["items"])
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _rules(node["additionalProperties"])
+    return out
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = [(path, node)]
+    for name, child in node.get("properties", {}).items():
+        out += _nodes(child, f"{path}.{name}")
+    if "items" in node:
+        out += _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _nodes(node["additionalProperties"], f"{path}{{}}")
     return out
 
 
@@ -129,3 +179,44 @@ def test_resolved_storage_defaults_pass_the_crd() -> None:
     assert crd_errors(doc) == []
     doc["spec"]["storage"]["size"] = "51Gi"
     assert any("not both" in e for e in crd_errors(doc))
+
+
+def test_no_rule_sits_on_a_string() -> None:
+    """The API server quotes a string's value in the error of a rule on that string (a token pasted in
+    the wrong field would come back), not an object's, list's or map's: every rule sits on a parent."""
+    strings = [p for p, n in _nodes(SCHEMA) if n["type"] == "string" and "x-kubernetes-validations" in n]
+    assert strings == []
+
+
+def test_every_free_text_field_and_map_key_is_checked_for_tokens() -> None:
+    spec = SCHEMA["properties"]["spec"]
+    token_rules = [
+        r for _, n in _nodes(spec) for r in n.get("x-kubernetes-validations", []) if "hf_" in r["rule"]
+    ]
+    texts = [p for p, n in _nodes(spec) if n["type"] == "string" and "enum" not in n]
+    maps = [p for p, n in _nodes(spec) if isinstance(n.get("additionalProperties"), dict)]
+    assert len(token_rules) == len(texts) + len(maps)
+    assert {"spec.samples.prompts": 1} and len(texts) > 30
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["64Gi", "500m", "8", "0.5Gi", "+1Gi", "1e3", "1E3", "1k", "1Ki", "1.", ".5", "100u", "1n", "1E"],
+)
+def test_quantities_the_grammar_takes(value: str) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["resources"]["memory"] = value
+    assert crd_errors(doc) == []
+
+
+def test_every_string_and_list_and_map_is_bounded() -> None:
+    """CEL rules are budgeted by the API server from maxLength, maxItems and maxProperties."""
+    spec = SCHEMA["properties"]["spec"]
+    unbounded = [
+        p
+        for p, n in _nodes(spec)
+        if (n["type"] == "string" and "enum" not in n and "maxLength" not in n)
+        or (n["type"] == "array" and "maxItems" not in n)
+        or (isinstance(n.get("additionalProperties"), dict) and "maxProperties" not in n)
+    ]
+    assert unbounded == []

@@ -99,3 +99,18 @@ def test_json_schema_accepts_the_examples_keys(root: Path) -> None:
 def test_committed_crd_parses(root: Path) -> None:
     crd = yaml.safe_load((root / generate.CRD_PATH).read_text())
     assert crd["metadata"]["name"] == "finetunejobs.kubetune.io"
+
+
+def test_every_integer_is_int64_and_no_bound_is_past_it() -> None:
+    """The API server refuses integers past int64 (`format: int64` says so in its error); a bound of
+    2^63-1 would not survive its float64 reading of the schema, so there is none."""
+    schema = generate.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    integers = [(p, n) for p, n in _walk(schema) if n.get("type") == "integer"]
+    assert integers and all(n.get("format") == "int64" for _, n in integers)
+    assert all(abs(n.get(k, 0)) < 2**53 for _, n in integers for k in ("minimum", "maximum"))
+
+
+def test_the_reference_lists_every_value_format() -> None:
+    readme = (ROOT / generate.README_PATH).read_text()
+    for name in ("metadata.name", "quantity", "label value", "Hub repository id", "mount path"):
+        assert f"| {name} | must " in readme, name

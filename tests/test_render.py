@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.v1alpha1 import JOB_NAME_MAX, MAX_NODES, FineTuneJob
 from kubetune.contract import (
     ANNOTATION_SPEC_HASH,
     ENV_RUN,
@@ -195,9 +195,10 @@ def test_run_identity_follows_the_spec_only() -> None:
 
 def test_long_names_still_fit_a_label() -> None:
     doc = copy.deepcopy(DOC)
-    doc["metadata"]["name"] = "a" * 63
+    doc["metadata"]["name"] = "a" * JOB_NAME_MAX  # the longest name the API takes
+    doc["spec"]["resources"] = {"gpusPerNode": 1, "nodes": MAX_NODES}
     name = run_name(FineTuneJob.model_validate(doc))
-    assert len(name) <= 63
+    assert len(f"{name}-{MAX_NODES - 1}") <= 63  # the last pod's hostname is a DNS label too
 
 
 def test_multi_node_gets_a_headless_service_and_ranks() -> None:

@@ -271,10 +271,11 @@ def test_card_refuses_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "not-hf-shaped-secret")
     with pytest.raises(RuntimeError, match="HF_TOKEN"):
         check_no_secrets("oops not-hf-shaped-secret")
-    with pytest.raises(RuntimeError):
-        render_card(
-            make_spec(), name="x", metrics={}, samples=[{"prompt": "p", "completion": "not-hf-shaped-secret"}]
-        )
+    # A card is redacted where it is made (a sample may repeat a secret), not refused after training.
+    card = render_card(
+        make_spec(), name="x", metrics={}, samples=[{"prompt": "p", "completion": "not-hf-shaped-secret"}]
+    )
+    assert "not-hf-shaped-secret" not in card and "```text\n***\n```" in card
     check_no_secrets("nothing to see")
 
 
@@ -367,4 +368,4 @@ def test_bad_spec_exits_2(tmp_path: Path) -> None:
         text=True,
         env=_env(),
     )
-    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr

@@ -2,7 +2,9 @@
 
 ``StandInHub`` is not the Hub: it is a small HTTP server on 127.0.0.1 that implements just the calls a
 kubetune push makes (create repo, create branch, preupload, commit with inline base64 files), so the real
-``huggingface_hub`` client can talk to it through ``HF_ENDPOINT``. Nothing leaves the machine.
+``huggingface_hub`` client can talk to it through ``HF_ENDPOINT``. Nothing leaves the machine (the real Hub
+cannot be reached from the test machines, and must not be). Like a careless server or proxy, its error
+bodies repeat the request's Authorization header, and the bare token in it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class StandInHub:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _echo(self) -> str:
+                """The request's credentials, repeated as an error body must never be trusted not to."""
+                auth = str(self.headers.get("Authorization"))
+                return f"Authorization: {auth}; the token {auth.split()[-1]} has no write access"
+
             def do_POST(self) -> None:
                 hub.auth_headers.append(self.headers.get("Authorization"))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -92,7 +99,7 @@ class StandInHub:
                         return self._reply(200, {"files": modes})
                     if action == "commit" and hub.fail_next:
                         status = hub.fail_next.pop(0)
-                        return self._reply(status, {"error": f"stand-in failure {status}"})
+                        return self._reply(status, {"error": f"stand-in failure {status}: {self._echo()}"})
                     if action == "commit":
                         received: dict[str, bytes] = {}
                         header: dict[str, Any] = {}
@@ -110,7 +117,9 @@ class StandInHub:
                             200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid}
                         )
                 hub.unknown.append(f"POST {self.path}")
-                return self._reply(404, {"error": f"the stand-in Hub does not implement POST {self.path}"})
+                return self._reply(
+                    404, {"error": f"the stand-in Hub does not implement POST {self.path} ({self._echo()})"}
+                )
 
             def do_GET(self) -> None:
                 hub.unknown.append(f"GET {self.path}")
@@ -257,3 +266,63 @@ def test_push_retries_transient_failures_only(tmp_path: Path, monkeypatch: pytes
         with pytest.raises(HfHubHTTPError):
             hub_mod.push(target, files, commit_message="m")
         assert len(hub.commits) == 1
+
+
+ODD_TOKEN = "kt-odd-" + "Zq81-not-hf-shaped.Wv3"  # a token of another shape: only add_secret masks it
+
+
+def test_a_hub_that_echoes_the_token_leaks_it_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Against the LOCAL STAND-IN Hub, whose error bodies repeat the Authorization header and the token:
+    the trainer's entrypoint (as the Pod runs it) prints, logs, writes and reports it nowhere. Once as
+    $HF_TOKEN (a 401: a person must fix it), once as a `hf auth login` token of another shape (503s until
+    the retries run out: an unexpected error, with a traceback and retry warnings)."""
+    from kubetune.trainer import hub as hub_mod
+    from kubetune.trainer.__main__ import main
+
+    monkeypatch.setattr(hub_mod, "RETRY_WAIT_SECONDS", 0.0)
+    model = tiny.save_tiny_model(tmp_path / "model", "llama")
+    job = tiny.write_job(
+        tmp_path / "job",
+        model,
+        training={"maxSteps": 2, "saveSteps": 2, "loggingSteps": 1},
+        output={"path": "out", "hub": {"repoId": "me/echo", "token": {"secretKeyRef": {"name": "hf-token"}}}},
+    )
+    out = tiny.run_folder(job)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
+    monkeypatch.delenv("KUBETUNE_RUN", raising=False)
+    seen: dict[str, str] = {}
+    with StandInHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        hub.fail_next = [401]
+        assert main(["--spec", str(job)]) == 6
+        seen["401 output"] = "".join(capfd.readouterr())
+        seen["401 termination message"] = termination.read_text()
+        termination.unlink()
+
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: ODD_TOKEN)
+        hub.fail_next = [503] * hub_mod.ATTEMPTS
+        assert main(["--spec", str(job)]) == 1
+        seen["503 output"] = "".join(capfd.readouterr())
+        seen["503 termination message"] = termination.read_text()
+
+    # Both tokens were sent, and came back in the bodies; the messages carry the bodies, masked.
+    assert f"Bearer {FAKE_TOKEN}" in hub.auth_headers and f"Bearer {ODD_TOKEN}" in hub.auth_headers
+    assert "HTTP 401" in seen["401 termination message"]
+    assert "Authorization: Bearer ***; the token *** has no write access" in seen["401 termination message"]
+    assert "Traceback (most recent call last)" in seen["503 output"]
+    assert "Retrying" in seen["503 output"] and "stand-in failure 503" in seen["503 output"]
+    assert "HfHubHTTPError" in seen["503 termination message"]
+    # Every file the run wrote: the card, metrics, samples, progress, checkpoints, the adapter.
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        seen[str(path.relative_to(out))] = path.read_bytes().decode("latin-1")
+    assert "README.md" in seen and "progress.json" in seen
+    for token in (FAKE_TOKEN, ODD_TOKEN):
+        leaks = [where for where, text in seen.items() if token in text or token.split("-")[-1] in text]
+        assert leaks == [], f"{token} in {leaks}"
+    assert hub.commits == []

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -25,27 +26,42 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def validate(paths: tuple[str, ...], quiet: bool) -> None:
-    """Validate FineTuneJobs in files or folders (multi-document YAML; other kinds are skipped).
+    """Validate FineTuneJobs in files or folders (multi-document YAML, `v1 List`s; other kinds are
+    skipped); `-` reads standard input.
 
-    Each error is printed as `file:line: field.path: message`. Exit code 0 when every job is valid.
+    Each error is printed on its own line as `file:line: field.path: message` (line 0: the whole file),
+    then a summary. Exit code 0 when every job is valid, 1 when there is a problem, 2 when kubetune
+    itself failed. Nothing printed holds a token.
     """
-    from kubetune.api.load import validate_paths
+    from kubetune.api.load import REPORT, validate_paths
+    from kubetune.redact import redact
 
-    result = validate_paths(paths)
-    for problem in result.problems:
-        click.echo(str(problem))
-    if result.problems:
-        click.echo(f"{len(result.problems)} error(s) in {result.files} file(s)", err=True)
+    try:
+        result = validate_paths(paths)
+        lines = [str(problem) for problem in result.problems]
+    except Exception as e:  # validate_paths catches per file and object; this is the last net
+        click.echo(f"kubetune: internal error ({type(e).__name__}); {redact(REPORT)}", err=True)
+        sys.exit(2)
+    try:
+        for line in lines:
+            click.echo(line)
+        sys.stdout.flush()  # every problem is out, each on its own line, before the summary
+        if result.problems:
+            click.echo(f"{len(result.problems)} error(s) in {result.files} file(s)", err=True)
+            sys.exit(1)
+        if not result.jobs:
+            click.echo(f"no FineTuneJob found in {result.files} file(s)", err=True)
+            sys.exit(1)
+        if not quiet:
+            skipped = f", {result.skipped} other document(s) skipped" if result.skipped else ""
+            click.echo(f"ok: {len(result.jobs)} FineTuneJob(s) valid in {result.files} file(s){skipped}")
+    except BrokenPipeError:  # `kubetune validate jobs/ | head -1`: stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    if not result.jobs:
-        click.echo(f"no FineTuneJob found in {result.files} file(s)", err=True)
-        sys.exit(1)
-    if not quiet:
-        skipped = f", {result.skipped} other document(s) skipped" if result.skipped else ""
-        click.echo(f"ok: {len(result.jobs)} FineTuneJob(s) valid in {result.files} file(s){skipped}")
 
 
 def _load_or_exit(file: str):  # type: ignore[no-untyped-def]
@@ -249,48 +265,21 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     show_default=True,
     help="Check that the Hub token Secret exists (metadata only) before creating a run.",
 )
-def operator(
-    kubeconfig: str | None,
-    namespace: str | None,
-    workers: int,
-    image: str | None,
-    log_format: str,
-    health_addr: str | None,
-    metrics_addr: str | None,
-    leader_elect: bool,
-    leader_election_namespace: str | None,
-    image_pull_grace: float,
-    secret_precheck: bool,
-) -> None:
+@click.option(
+    "--policy-configmap",
+    default=None,
+    metavar="NAMESPACE/NAME",
+    help="The limits on FineTuneJobs (kubetune.policy): checked before each run is created.",
+)
+def operator(**options: Any) -> None:
     """Run the operator: reconcile FineTuneJobs into trainer Jobs and mirror their state."""
     try:
-        from kubetune.controller.kube import Kube, load_client
-        from kubetune.controller.leader import LeaderElector
-        from kubetune.controller.operator import Operator, setup_logging
+        from kubetune.controller.operator import main as run_operator
     except ImportError:
         raise click.ClickException(
             "the operator is not installed: pip install 'kubetune[operator]'"
         ) from None
-    setup_logging(log_format)
-    api_client = load_client(kubeconfig)
-    elector = None
-    if leader_elect:
-        if not leader_election_namespace:
-            raise click.UsageError("--leader-elect needs --leader-election-namespace (or $POD_NAMESPACE)")
-        import socket
-        import uuid
-
-        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
-        elector = LeaderElector(api_client, leader_election_namespace, identity)
-    op = Operator(
-        Kube(api_client),
-        namespace=namespace,
-        workers=workers,
-        image=image,
-        image_pull_grace=image_pull_grace,
-        secret_precheck=secret_precheck,
-    )
-    sys.exit(op.run_forever(health_addr=health_addr, metrics_addr=metrics_addr, elector=elector))
+    sys.exit(run_operator(**options))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ ENV_HF_TOKEN = "HF_TOKEN"
 SPEC_MOUNT = "/etc/kubetune"
 SPEC_FILE = "job.yaml"
 TERMINATION_LOG = "/dev/termination-log"  # the Kubernetes default terminationMessagePath
+SHM_MOUNT = "/dev/shm"  # the memory-backed emptyDir data loaders and NCCL use
+# Paths the trainer container gets from kubetune itself: no user path (storage.mountPath, output.path)
+# may be one of them, lie inside one, or (for a mount) hide one.
+RESERVED_PATHS: tuple[str, ...] = (SPEC_MOUNT, SHM_MOUNT, TERMINATION_LOG)
 RENDEZVOUS_PORT = 29500
 TRAINER_UID = 1000  # USER of the trainer image (Dockerfile)
 

@@ -158,6 +158,16 @@ def render_configmap(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
+# The API server refuses a ConfigMap whose data (keys and values, in bytes) pass 1 MiB.
+CONFIGMAP_MAX_BYTES = 1024 * 1024
+
+
+def configmap_bytes(job: FineTuneJob) -> int:
+    """The size of the run's ConfigMap data as the API server counts it (`kubetune validate` and the
+    operator refuse a spec whose ConfigMap would not fit)."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in render_configmap(job)["data"].items())
+
+
 def render_service(job: FineTuneJob) -> dict[str, Any]:
     """Headless Service giving pod 0 a stable DNS name for the multi-node rendezvous."""
     name = run_name(job)

@@ -209,13 +209,65 @@ def test_kustomize_overlay_and_base_apply_with_server_dry_run(control_plane: Con
         control_plane.kubectl("apply", "-f", str(ROOT / "manifests/base/namespace.yaml"), check=True)
         if "ml-team" in made:
             create_namespace(control_plane, "ml-team")
-        for kustomization in ("manifests/overlays/example", "manifests/base"):
+        for kustomization in (
+            "manifests/overlays/example",
+            "manifests/overlays/single-namespace",
+            "manifests/base",
+        ):
             proc = control_plane.kubectl("apply", "-k", str(ROOT / kustomization), "--dry-run=server")
             assert proc.returncode == 0, f"{kustomization}: {proc.stderr}"
             assert "PodSecurity" not in proc.stderr, proc.stderr  # the namespace warns on violations
             applied = proc.stdout
             assert "deployment.apps/kubetune-operator created (server dry run)" in applied, applied
-            assert "clusterrole.rbac.authorization.k8s.io/kubetune-operator created" in applied, applied
+            operator_role = "clusterrole.rbac.authorization.k8s.io/kubetune-operator created"
+            assert (operator_role in applied) == (kustomization != "manifests/overlays/single-namespace"), (
+                applied
+            )
+            for created in (
+                "validatingadmissionpolicy.admissionregistration.k8s.io/kubetune-limits",
+                "validatingadmissionpolicybinding.admissionregistration.k8s.io/kubetune-author-access",
+                "configmap/kubetune-policy",
+                "clusterrole.rbac.authorization.k8s.io/kubetune-edit",
+            ):
+                assert created in applied, applied
+
+        def build(kustomization: str) -> list[dict[str, Any]]:
+            out = control_plane.kubectl("kustomize", str(ROOT / kustomization), check=True).stdout
+            return [d for d in yaml.safe_load_all(out) if d]
+
+        # The base: the admission policies are cluster-scoped (kustomize would give them a namespace).
+        for d in build("manifests/base"):
+            if d["kind"].startswith("ValidatingAdmissionPolicy"):
+                assert "namespace" not in d["metadata"], d["metadata"]
+        # One namespace, as the chart's watchNamespace: a Role there, no cluster-wide grant for the
+        # operator, and the admission policies bound to that namespace.
+        single = build("manifests/overlays/single-namespace")
+        grants = sorted(
+            (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"))
+            for d in single
+            if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+        )
+        assert grants == [
+            ("ClusterRole", "kubetune-edit", None),  # for people, aggregated into edit/admin
+            ("ClusterRole", "kubetune-view", None),
+            ("Role", "kubetune-operator", "ml-team"),
+            ("Role", "kubetune-operator-leader-election", "kubetune-system"),
+            ("Role", "kubetune-policy-reader", "kubetune-system"),
+            ("RoleBinding", "kubetune-operator", "ml-team"),
+            ("RoleBinding", "kubetune-operator-leader-election", "kubetune-system"),
+            ("RoleBinding", "kubetune-policy-reader", "kubetune-system"),
+        ]
+        [role] = [d for d in single if d["kind"] == "Role" and d["metadata"]["name"] == "kubetune-operator"]
+        assert expand(role["rules"]) == OPERATOR_RULES
+        [deployment] = [d for d in single if d["kind"] == "Deployment"]
+        [c] = deployment["spec"]["template"]["spec"]["containers"]
+        assert "--namespace=ml-team" in c["args"]
+        assert "--policy-configmap=kubetune-system/kubetune-policy" in c["args"]
+        for d in single:
+            if d["kind"] == "ValidatingAdmissionPolicyBinding":
+                assert d["spec"]["matchResources"] == {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ml-team"}}
+                }
 
         overlay = [
             d
@@ -227,10 +279,17 @@ def test_kustomize_overlay_and_base_apply_with_server_dry_run(control_plane: Con
             if d
         ]
         bindings = [
-            (d["kind"], d["metadata"].get("namespace")) for d in overlay if d["kind"].endswith("Binding")
+            (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"))
+            for d in overlay
+            if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
         ]
-        # No cluster-wide grant: the ClusterRole is bound in ml-team only (plus leader election).
-        assert sorted(bindings) == [("RoleBinding", "kubetune-system"), ("RoleBinding", "ml-team")]
+        # No cluster-wide grant: the ClusterRole is bound in ml-team only (plus leader election and the
+        # policy ConfigMap, in the operator's own namespace).
+        assert sorted(bindings) == [
+            ("RoleBinding", "kubetune-operator", "ml-team"),
+            ("RoleBinding", "kubetune-operator-leader-election", "kubetune-system"),
+            ("RoleBinding", "kubetune-policy-reader", "kubetune-system"),
+        ]
         [deployment] = [d for d in overlay if d["kind"] == "Deployment"]
         assert deployment["spec"]["replicas"] == 2
         [c] = deployment["spec"]["template"]["spec"]["containers"]
@@ -258,6 +317,15 @@ def test_helm_install_creates_the_release(control_plane: ControlPlane, helm: Hel
         ("rolebinding", f"{full}-leader-election", release.namespace),
         ("clusterrole", full, None),
         ("clusterrolebinding", full, None),
+        ("clusterrole", f"{full}-edit", None),
+        ("clusterrole", f"{full}-view", None),
+        ("configmap", f"{full}-policy", release.namespace),
+        ("role", f"{full}-policy-reader", release.namespace),
+        ("rolebinding", f"{full}-policy-reader", release.namespace),
+        ("validatingadmissionpolicy", f"{full}-author-access", None),
+        ("validatingadmissionpolicy", f"{full}-limits", None),
+        ("validatingadmissionpolicybinding", f"{full}-author-access", None),
+        ("validatingadmissionpolicybinding", f"{full}-limits", None),
     ]:
         args = ["get", kind, name, *([f"--namespace={ns}"] if ns else [])]
         assert control_plane.kubectl(*args).returncode == 0, f"{kind} {name} is missing"
@@ -304,7 +372,9 @@ def test_operator_with_the_charts_credentials_runs_a_job_to_success(
     # watches one namespace only, so it never touches other tests' FineTuneJobs.
     for kind, selector in (("FineTuneJob", None), ("Job", MANAGED), ("Pod", MANAGED)):
         assert "items" in kube.list_raw(kind, None, selector)
-    op = Operator(kube, namespace=ns, workers=2).start()
+    # The policy ConfigMap too, as the Deployment's --policy-configmap says: listed and watched by name.
+    policy = (release.namespace, f"{release.service_account}-policy")
+    op = Operator(kube, namespace=ns, workers=2, policy_configmap=policy).start()
     try:
         assert op.wait_synced(30), "the watches did not list with the chart's credentials"
 
@@ -405,10 +475,12 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
 
     # Everything the token may do, less what any authenticated user may do, is exactly the chart's
     # rules: the operator's in every namespace, and the Lease's in its own.
+    policy = f"{release.service_account}-policy"
+    policy_rules = {("", "configmaps", verb, policy) for verb in ("list", "watch")}
     for ns, expected in (
         (release.watched, OPERATOR_RULES),
         (release.other, OPERATOR_RULES),
-        (release.namespace, OPERATOR_RULES | LEADER_ELECTION_RULES),
+        (release.namespace, OPERATOR_RULES | LEADER_ELECTION_RULES | policy_rules),
     ):
         extra = rules_review(release.kubeconfig, ns) - rules_review(release.baseline, ns)
         assert extra == expected, f"in {ns}: {sorted(extra ^ expected)}"
@@ -431,6 +503,8 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("get", "secrets", w),
         ("create", "events", w),
         ("update", f"leases.coordination.k8s.io/{LEASE}", f"--namespace={release.namespace}"),
+        ("list", f"configmaps/{policy}", f"--namespace={release.namespace}"),
+        ("watch", f"configmaps/{policy}", f"--namespace={release.namespace}"),
     ]
     refused = [
         ("list", "secrets", "--all-namespaces"),
@@ -461,6 +535,12 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("get", "leases.coordination.k8s.io/another-lease", f"--namespace={release.namespace}"),
         ("delete", f"leases.coordination.k8s.io/{LEASE}", f"--namespace={release.namespace}"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+        # The policy: readable by name only, never writable, and the admission policies are not its.
+        ("get", f"configmaps/{policy}", f"--namespace={release.namespace}"),
+        ("update", f"configmaps/{policy}", f"--namespace={release.namespace}"),
+        ("list", "configmaps", f"--namespace={release.namespace}"),
+        ("list", f"configmaps/{policy}", w),
+        ("delete", "validatingadmissionpolicybindings.admissionregistration.k8s.io"),
     ]
     assert [args for args in granted if not can_i(*args)] == []
     assert [args for args in refused if can_i(*args)] == []

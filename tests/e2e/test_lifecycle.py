@@ -381,19 +381,6 @@ def test_image_that_does_not_exist(run: Run, operator: Operator) -> None:
     assert run.children("noimage")["jobs"] == []  # stopped: it holds no node resources
 
 
-def test_dotted_name_is_rejected_with_the_api_servers_message(run: Run, operator: Operator) -> None:
-    run.apply("tiny.dotted", tiny_spec(run.node))
-    status = failed_with(run, operator, "tiny.dotted", "JobRejected")
-    message = next(c["message"] for c in status["conditions"] if c.get("reason") == "JobRejected")
-    assert "tiny.dotted" in message, message
-    assert run.children("tiny.dotted") == {
-        "jobs": [],
-        "configmaps": [],
-        "services": [],
-        "persistentvolumeclaims": [],
-    }
-
-
 def test_bad_dataset_column(run: Run, operator: Operator) -> None:
     run.apply("badcol", tiny_spec(run.node, dataset={"format": "text", "textField": "no_such_column"}))
     status = failed_with(run, operator, "badcol", "DatasetError")

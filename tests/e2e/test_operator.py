@@ -9,6 +9,7 @@ Workspace claims bind through the session's default StorageClass (tests/e2e/node
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import logging
@@ -310,13 +311,16 @@ def test_too_many_gpus_is_unschedulable(cluster: Cluster, operator: Operator) ->
 def test_invalid_object_past_the_schema_fails_without_crashing_the_operator(
     cluster: Cluster, operator: Operator
 ) -> None:
-    # A token pasted into a prompt passes the CRD (no regex over every string) but not the models.
-    bad = manifest("leaky", cluster.ns, spec(samples={"prompts": [f"use {FAKE_TOKEN}"]}))
+    # A token base64-encoded into a prompt passes the CRD (CEL cannot decode base64) but not the
+    # operator's scan, which names where it is and never what.
+    hidden = base64.b64encode(FAKE_TOKEN.encode()).decode()
+    bad = manifest("leaky", cluster.ns, spec(samples={"prompts": ["fine", hidden]}))
     cluster.apply(bad, manifest("fine", cluster.ns, spec(podMetadata={"annotations": SLOW})))
     status = cluster.wait_state("leaky", "Failed")
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSpec" and "secretKeyRef" in failed["message"]
-    assert FAKE_TOKEN not in json.dumps(status)
+    assert failed["message"].startswith("spec.samples.prompts[1]: looks like a Hugging Face token")
+    assert FAKE_TOKEN not in json.dumps(status) and hidden not in json.dumps(status)
     assert cluster.jobs("leaky") == []
     cluster.wait_state("fine", "Running")  # the other object is served all the same
     # No hot loop: an invalid object is not retried until it changes.
@@ -387,17 +391,86 @@ def test_missing_secret_creates_nothing_until_it_exists(cluster: Cluster, operat
     assert FAKE_TOKEN not in json.dumps(cluster.get("ftj", "nosecret"))
 
 
-def test_a_name_the_api_server_refuses_leaves_nothing_behind(cluster: Cluster, operator: Operator) -> None:
-    """A dot is fine in a FineTuneJob's name, but not in an Indexed Job's (its pods' hostnames are
-    `<job>-<index>`): the API server refuses the Job, and its own message is the condition's."""
-    cluster.apply(manifest("tiny.dotted", cluster.ns, spec()))
-    cluster.wait_reason("tiny.dotted", "Failed", "JobRejected")
-    message = cluster.condition("tiny.dotted", "JobRejected")["message"]
-    assert "tiny.dotted" in message and "invalid" in message, message
+@pytest.fixture
+def jobs_refused(cluster: Cluster) -> Iterator[str]:
+    """A cluster admission policy of the platform's own (a ValidatingAdmissionPolicy on batch/v1 Jobs in
+    the test namespace) that refuses Jobs of FineTuneJobs named `refused-*`: what a Gatekeeper or
+    Kyverno rule does to a Job that passed our CRD. Its message, in the API server's words (422)."""
+    name = f"e2e-refuse-jobs-{cluster.ns}"[:63]
+    message = "Jobs named refused-* are not allowed in this namespace"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["batch"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["jobs"],
+                    }
+                ]
+            },
+            "validations": [
+                {"expression": "!object.metadata.name.startsWith('refused-')", "message": message}
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cluster.ns}}
+            },
+        },
+    }
+    cluster.apply(policy, binding)
+    probe = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "refused-probe", "namespace": cluster.ns},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+            },
+        },
+    }
+
+    def active() -> bool:  # a new policy takes a moment to reach the admission plugin
+        proc = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        return proc.returncode != 0 and message in proc.stderr
+
+    cluster.wait("the Job admission policy to be active", active)
+    try:
+        yield message
+    finally:
+        cluster.kubectl(
+            "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False
+        )
+
+
+def test_a_job_the_api_server_refuses_leaves_nothing_behind(
+    cluster: Cluster, operator: Operator, jobs_refused: str
+) -> None:
+    """The API server refuses the run's Job (here a platform admission policy; a dotted name no longer
+    gets this far: the CRD refuses it): its own message is the condition's, and everything the pass
+    created is deleted again."""
+    cluster.apply(manifest("refused-tune", cluster.ns, spec()))
+    cluster.wait_reason("refused-tune", "Failed", "JobRejected")
+    message = cluster.condition("refused-tune", "JobRejected")["message"]
+    assert jobs_refused in message, message
     empty = {"jobs": [], "configmaps": [], "services": [], "persistentvolumeclaims": []}
-    cluster.wait("what the pass created to be deleted", lambda: cluster.children("tiny.dotted") == empty)
+    cluster.wait("what the pass created to be deleted", lambda: cluster.children("refused-tune") == empty)
     assert quiet_for(operator) <= 2  # not retried until the object changes
-    assert [e["reason"] for e in cluster.events("tiny.dotted")].count("JobRejected") == 1
+    assert [e["reason"] for e in cluster.events("refused-tune")].count("JobRejected") == 1
 
 
 def test_preemption_is_not_a_failure_and_the_replacement_runs(cluster: Cluster, operator: Operator) -> None:

@@ -105,6 +105,19 @@ manifests/base/rbac.yaml must grant the same (with secretPreCheck on).
   verbs: ["create"]
 {{- end }}
 
+{{/*
+The policy ConfigMap: the limits on FineTuneJobs (src/kubetune/policy.py), in the release namespace. The
+admission policy's binding takes it as its parameter; the operator reads it (--policy-configmap).
+*/}}
+{{- define "kubetune.policyConfigMap" -}}
+{{- printf "%s-policy" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A list value of the policy as the ConfigMap holds it: one item per line. */}}
+{{- define "kubetune.policyList" -}}
+{{- join "\n" (. | default list) }}
+{{- end }}
+
 {{/* The Lease the operator's leader election uses (a fixed name in src/kubetune/controller/leader.py). */}}
 {{- define "kubetune.leaseName" -}}
 kubetune-operator

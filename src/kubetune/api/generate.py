@@ -18,6 +18,10 @@ from pydantic import BaseModel
 
 from kubetune import __version__
 from kubetune.api import v1alpha1 as api
+from kubetune.redact import TOKEN_RE
+
+# The token pattern of kubetune.redact, which RE2 (the API server's regex engine) reads alike.
+TOKEN_PATTERN = TOKEN_RE.pattern
 
 CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
 # Byte-identical copies where Helm and kustomize can load them (neither reads files outside its folder).
@@ -38,8 +42,23 @@ REFERENCE_END = "<!-- END GENERATED: FineTuneJob reference -->"
 _DROP = {"title", "default", "cel", "additionalProperties", "$defs"}
 
 
+# Bounds pydantic leaves under its own names where a validator wraps the type (`Int | None`).
+_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _standard(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            _BOUNDS.get(k, k) if k in _BOUNDS and "type" in node else k: _standard(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_standard(v) for v in node]
+    return node
+
+
 def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema(by_alias=True, mode="validation")
+    schema: dict[str, Any] = _standard(model.model_json_schema(by_alias=True, mode="validation"))
+    return schema
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -69,7 +88,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"unions other than Optional[X] cannot be structural: {options}")
-        node = {**options[0], **node}
+        node = {**options[0], **node, "cel": [*options[0].get("cel", []), *node.get("cel", [])]}
     out: dict[str, Any] = {}
     description = node.get("description", "")
     if "default" in node:
@@ -84,9 +103,15 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     if typ is None:
         raise ValueError(f"schema node without a type: {node}")
     out["type"] = typ
-    for key in ("enum", "pattern", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
+    if typ == "integer":
+        out["format"] = "int64"  # the models bound every integer to int64, as the API server does
+    keys = ("enum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties", "minimum", "maximum")
+    for key in keys:
         if key in node:
             out[key] = node[key]
+    # A format with CEL rules says what is wrong in words; a bare pattern would only quote the regex.
+    if "pattern" in node and not node.get("cel"):
+        out["pattern"] = node["pattern"]
     # JSON Schema 2020-12 writes exclusive bounds as numbers; OpenAPI v3.0 as booleans.
     for key, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if key in node:
@@ -100,11 +125,76 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
                 out["required"] = list(node["required"])
         elif isinstance(node.get("additionalProperties"), dict):
             out["additionalProperties"] = _structural(node["additionalProperties"])
-        if node.get("cel"):
-            out["x-kubernetes-validations"] = copy.deepcopy(node["cel"])
     if typ == "array":
         out["items"] = _structural(node["items"])
+    if node.get("cel"):
+        out["x-kubernetes-validations"] = copy.deepcopy(node["cel"])
     return out
+
+
+def _is_text(node: dict[str, Any]) -> bool:
+    return node.get("type") == "string" and "enum" not in node
+
+
+def _add_token_rules(node: dict[str, Any]) -> None:
+    """The token rule on every free-text string of the spec, and on the keys of every map in it."""
+    rules = node.setdefault("x-kubernetes-validations", [])
+    if _is_text(node):
+        rules.insert(
+            0, {"rule": f"!self.matches({api.cel_string(TOKEN_PATTERN)})", "message": api.TOKEN_MESSAGE}
+        )
+    values = node.get("additionalProperties")
+    if isinstance(values, dict):
+        rules.insert(
+            0,
+            {
+                "rule": f"self.all(k, !k.matches({api.cel_string(TOKEN_PATTERN)}))",
+                "message": "a key " + api.TOKEN_MESSAGE,
+            },
+        )
+        _add_token_rules(values)
+    for child in node.get("properties", {}).values():
+        _add_token_rules(child)
+    if "items" in node:
+        _add_token_rules(node["items"])
+    if not rules:
+        del node["x-kubernetes-validations"]
+
+
+def _parenthesized(rule: str) -> str:
+    return f"({rule})"
+
+
+def _lift(node: dict[str, Any]) -> None:
+    """Move the CEL rules of string nodes to the node that holds them (an object, list or map).
+
+    The API server quotes a string's value in the error of a rule on that string, but not the value of
+    an object, list or map: a token pasted in the wrong field must not come back in an error. A rule
+    lifted to an object keeps its field in `fieldPath`."""
+    for child in node.get("properties", {}).values():
+        _lift(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _lift(node[key])
+    lifted: list[dict[str, Any]] = []
+    for name, child in node.get("properties", {}).items():
+        if child.get("type") == "string" and child.get("x-kubernetes-validations"):
+            for r in child.pop("x-kubernetes-validations"):
+                rule = api.on(r["rule"], f"self.{name}")
+                lifted.append(
+                    {**r, "rule": f"!has(self.{name}) || {_parenthesized(rule)}", "fieldPath": f".{name}"}
+                )
+    for key, var, target in (("items", "item", "item"), ("additionalProperties", "key", "self[key]")):
+        child = node.get(key)
+        if (
+            isinstance(child, dict)
+            and child.get("type") == "string"
+            and child.get("x-kubernetes-validations")
+        ):
+            for r in child.pop("x-kubernetes-validations"):
+                lifted.append({**r, "rule": f"self.all({var}, {_parenthesized(api.on(r['rule'], target))})"})
+    if lifted:
+        node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), *lifted]
 
 
 def crd_schema() -> dict[str, Any]:
@@ -112,6 +202,8 @@ def crd_schema() -> dict[str, Any]:
     raw = _json_schema(api.FineTuneJob)
     resolved = _resolve(raw, raw.get("$defs", {}))
     spec = _structural(resolved["properties"]["spec"])
+    _add_token_rules(spec)
+    _lift(spec)
     status = _structural(resolved["properties"]["status"])
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
@@ -205,6 +297,10 @@ def _unwrap(annotation: Any) -> tuple[str, type[BaseModel] | None]:
     """A short type name for the docs, and the nested model to document (if any)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        name, model = _unwrap(args[0])
+        formats = [m for m in annotation.__metadata__ if isinstance(m, api.Format) and m.name != "text"]
+        return (f"{name} ({formats[0].name})" if formats else name), model
     if origin in (typing.Union, types.UnionType):
         non_null = [a for a in args if a is not type(None)]
         return _unwrap(non_null[0]) if len(non_null) == 1 else (" | ".join(map(str, non_null)), None)
@@ -225,6 +321,7 @@ def reference_markdown() -> str:
     """The FineTuneJob field reference, in the order a reader meets the fields."""
     out: list[str] = []
     seen: set[type[BaseModel]] = set()
+    used: dict[str, api.Format] = {}
     queue: list[type[BaseModel]] = [api.FineTuneJobSpec]
     while queue:
         model = queue.pop(0)
@@ -238,6 +335,10 @@ def reference_markdown() -> str:
         for name, field in model.model_fields.items():
             alias = field.alias or name
             type_name, nested = _unwrap(field.annotation)
+            formats = [m for m in field.metadata if isinstance(m, api.Format) and m.name != "text"]
+            if formats:
+                type_name = f"{type_name} ({formats[0].name})"
+                used.setdefault(formats[0].name, formats[0])
             if nested is not None:
                 queue.append(nested)
             if field.is_required():
@@ -252,7 +353,53 @@ def reference_markdown() -> str:
         rules = api.cel_rules(model)
         if rules:
             out.append("Rules: " + "; ".join(r["message"] for r in rules) + ".\n")
+    out.append("#### Value formats\n")
+    out.append(
+        "Checked by `kubetune validate` and, through the CRD's CEL rules, by the API server; every "
+        "string of the spec is also checked for tokens. Label keys (`podMetadata.labels`, "
+        f"`resources.nodeSelector`) and annotation keys are qualified names: {api.QUALIFIED_NAME_MESSAGE}.\n"
+    )
+    out.append("| Format | Rule | Longest |")
+    out.append("|---|---|---|")
+    table = {"metadata.name": api.JOB_NAME, **dict(sorted({**_formats_in_use(), **used}.items()))}
+    for name, fmt in table.items():
+        words = "; ".join(c.message for c in fmt.checks).replace("|", "\\|")
+        longest = api.JOB_NAME_MAX if fmt is api.JOB_NAME else fmt.max_length
+        out.append(f"| {name} | {words} | {longest} |")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _formats_in_use() -> dict[str, api.Format]:
+    """The named formats the spec's fields use (inside Optional, lists and maps too)."""
+    found: dict[str, api.Format] = {}
+
+    def visit(annotation: Any) -> None:
+        if typing.get_origin(annotation) is typing.Annotated:
+            for m in annotation.__metadata__:
+                if isinstance(m, api.Format) and m.name != "text":
+                    found.setdefault(m.name, m)
+        for arg in typing.get_args(annotation):
+            visit(arg)
+
+    todo: list[type[BaseModel]] = [api.FineTuneJobSpec]
+    seen: set[type[BaseModel]] = set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for field in model.model_fields.values():
+            visit(field.annotation)
+            for m in field.metadata:
+                if isinstance(m, api.Format) and m.name != "text":
+                    found.setdefault(m.name, m)
+            for arg in [field.annotation, *typing.get_args(field.annotation)]:
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+                for inner in typing.get_args(arg):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        todo.append(inner)
+    return found
 
 
 def render_crd_yaml() -> str:

@@ -229,10 +229,25 @@ class Kube:
         }
         self.core.create_namespaced_event(meta["namespace"], body)
 
+    # The policy ConfigMap (kubetune.policy): listed and watched by name, a metadata.name field
+    # selector, so that RBAC can grant list and watch on that one object (resourceNames).
+
+    def list_config_map(self, namespace: str, name: str) -> dict[str, Any]:
+        resp = self.core.list_namespaced_config_map(
+            namespace, field_selector=f"metadata.name={name}", _preload_content=False
+        )
+        return _json(resp)  # type: ignore[no-any-return]
+
     # Watches -------------------------------------------------------------------------------------------
 
     def stream(
-        self, kind: str, namespace: str | None, selector: str | None, resource_version: str, timeout: int
+        self,
+        kind: str,
+        namespace: str | None,
+        selector: str | None,
+        resource_version: str,
+        timeout: int,
+        field_selector: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Raw watch events ({"type", "object"}) from `resource_version` on."""
         kwargs: dict[str, Any] = {
@@ -242,10 +257,15 @@ class Kube:
         }
         if selector:
             kwargs["label_selector"] = selector
-        if kind == "FineTuneJob":
+        if field_selector:
+            kwargs["field_selector"] = field_selector
+        if kind == "ConfigMap":  # the policy ConfigMap only (list_config_map)
+            func: Any = self.core.list_namespaced_config_map
+            args: tuple[Any, ...] = (namespace,)
+        elif kind == "FineTuneJob":
             if namespace:
-                func: Any = self.custom.list_namespaced_custom_object
-                args: tuple[Any, ...] = (GROUP, VERSION, namespace, PLURAL)
+                func = self.custom.list_namespaced_custom_object
+                args = (GROUP, VERSION, namespace, PLURAL)
             else:
                 func, args = self.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
         elif kind == "Job":

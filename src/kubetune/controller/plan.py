@@ -9,7 +9,9 @@ What a pass makes true, in this order:
 1. runs of older specs are stopped (their Job, Service and ConfigMap deleted; finished ones stay);
 2. a final status stays final within its run: nothing is created again, and a Job that kubetune ended
    (ImagePullFailed) is deleted, so that it holds no GPU;
-3. before a run's objects are created, its Hub token Secret exists (else Pending/SecretMissing, nothing
+3. before a run's objects are created, the spec is within the policy's limits (kubetune.policy; else
+   Failed/PolicyViolation, nothing created, decided again on every pass, so a change of the spec or of
+   the limits is seen), its Hub token Secret exists (else Pending/SecretMissing, nothing
    created, looked at again with back-off) and its workspace claim can be used;
 4. the run's objects exist (creating one that exists is a no-op), the workspace claim's owner follows
    storage.reclaimPolicy, and the run's Job follows runPolicy (suspend, unless Kueue owns it;
@@ -51,6 +53,7 @@ from kubetune.controller.status import (
     secret_missing_message,
     unschedulable,
 )
+from kubetune.policy import UNAVAILABLE, VIOLATION, Limits, check
 from kubetune.render import (
     output_path,
     render,
@@ -83,6 +86,9 @@ FAIL_FAST_REASONS = frozenset(REASON_BY_EXIT[code] for code in FAIL_FAST_EXIT_CO
 # Final reasons retried when the FineTuneJob changes at all (metadata.generation), not only when its
 # spec hash does: the API server refused the run's objects, and any edit may be the fix.
 RETRY_ON_EDIT = frozenset({"JobRejected"})
+# Final reasons decided before any run existed, decided again on every pass: the spec may have changed,
+# or the limits (the operator looks again when the policy ConfigMap changes).
+RECHECKED = frozenset({VIOLATION})
 
 SecretCheck = Literal["present", "missing", "unknown"]
 
@@ -107,6 +113,8 @@ class Observed:
     rejected: str | None = None  # the API server refused to create the run's objects, this pass
     image: str | None = None  # the operator's trainer image, for specs that name none
     image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS
+    limits: Limits | None = None  # the policy's limits (kubetune.policy); None: the operator enforces none
+    policy_problem: str | None = None  # the limits cannot be read: no run starts
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,8 @@ def plan(obs: Observed, now: datetime) -> Plan:
     final = before.get("state") in TERMINAL
     if final and before.get("reason") in RETRY_ON_EDIT and before.get("observedGeneration") != gen:
         final = False  # edited since the API server refused it: try again
+    if final and before.get("reason") in RECHECKED:
+        final = False
     if final and (current is None or deleting(current) or not job_finished(current)):
         if current is not None and not deleting(current):
             actions.append(Delete("Job", run))  # ended by kubetune: it must hold no GPU
@@ -206,6 +216,21 @@ def plan(obs: Observed, now: datetime) -> Plan:
 
     # 3 and 4. The run's objects.
     if current is None:
+        limits = obs.limits
+        violations = check(job, limits) if limits is not None else []
+        if limits is not None and violations:
+            message = (
+                "; ".join(violations)
+                + f". No run is created; it is checked again when the FineTuneJob or {limits.source} changes"
+            )
+            conds.set("Valid", False, VIOLATION, message)
+            conds.set("Failed", True, VIOLATION, message)
+            status.update(
+                state="Failed",
+                reason=VIOLATION,
+                completionTime=before.get("completionTime") or format_time(now),
+            )
+            return _plan(before, status, conds, actions, None)
         waiting = _before_create(obs, job, before, now)
         if waiting is not None:
             reason, message, delay = waiting
@@ -248,6 +273,8 @@ def _before_create(
 ) -> tuple[str, str, float] | None:
     """(reason, message, when to look again) if the run cannot start yet; None if it can."""
     namespace = str((obs.ftj.get("metadata") or {}).get("namespace") or job.metadata.namespace or "")
+    if obs.policy_problem is not None:
+        return UNAVAILABLE, obs.policy_problem, _backoff(before, UNAVAILABLE, now)
     if obs.secret == "missing":
         message = secret_missing_message(job, namespace) + "; the run starts once it exists"
         return "SecretMissing", message, _backoff(before, "SecretMissing", now)

@@ -25,11 +25,12 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from kubetune.api.load import describe
-from kubetune.api.v1alpha1 import FineTuneJob, find_inline_tokens
+from kubetune.api.v1alpha1 import INLINE_TOKEN_FIX, FineTuneJob
 from kubetune.contract import LABEL_JOB, LABEL_RUN
 from kubetune.controller.kube import Kube, api_message
 from kubetune.controller.plan import (
     DEFAULT_IMAGE_PULL_GRACE_SECONDS,
+    RECHECKED,
     Create,
     Delete,
     Observed,
@@ -39,6 +40,8 @@ from kubetune.controller.plan import (
     plan,
 )
 from kubetune.controller.status import TERMINAL, Event, format_time, rank0_log_pod
+from kubetune.policy import Limits
+from kubetune.redact import find_tokens, redact, redact_data
 from kubetune.render import CONTAINER, render_claim, run_name, spec_hash, workspace_claim
 
 log = logging.getLogger("kubetune.operator")
@@ -64,8 +67,11 @@ class Reconciler:
         *,
         image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS,
         secret_precheck: bool = True,
+        policy: Callable[[], Limits | str] | None = None,
     ) -> None:
         self.kube = kube
+        # The policy's limits as last read (kubetune.policy), or why they cannot be; None: no policy.
+        self.policy = policy
         self.image = image
         self.clock = clock
         self.image_pull_grace = image_pull_grace
@@ -93,20 +99,18 @@ class Reconciler:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None
         settings: dict[str, Any] = {"image": self.image, "image_pull_grace": self.image_pull_grace}
-        try:
-            job = FineTuneJob.model_validate(obj)
-        except ValidationError as e:
-            leaked = find_inline_tokens(obj.get("spec"))
-            message = (
-                "; ".join(describe(e))[:2000]
-                if not leaked
-                else (
-                    "inline Hugging Face token in the spec; store it in a Secret and use "
-                    "spec.output.hub.token.secretKeyRef"
-                )
-            )
-            log.warning("invalid spec: %s", message, extra=_ctx(namespace, name))
-            return Observed(obj, None, invalid=message, **settings)
+        # A token anywhere in the spec (a key, a value, bytes, base64) is refused before anything else,
+        # by where it is, never by what it is: nothing of it may reach a ConfigMap, a Job or a message.
+        leaked = find_tokens(obj.get("spec"), ("spec",))
+        invalid = _token_message(leaked) if leaked else None
+        if invalid is None:
+            try:
+                job = FineTuneJob.model_validate(obj)
+            except ValidationError as e:
+                invalid = redact("; ".join(describe(e)))[:2000]
+        if invalid is not None:
+            log.warning("invalid spec: %s", invalid, extra=_ctx(namespace, name))
+            return Observed(obj, None, invalid=invalid, **settings)
         job.metadata.namespace = namespace
         run = run_name(job)
         jobs = self.kube.list_jobs(namespace, f"{LABEL_JOB}={name}")
@@ -117,6 +121,7 @@ class Reconciler:
             claim = self.kube.get("PersistentVolumeClaim", namespace, str(workspace_claim(job)))
         old = obj.get("status") or {}
         settled = old.get("specHash") == spec_hash(job) and old.get("state") in TERMINAL
+        settled = settled and old.get("reason") not in RECHECKED  # decided again on every pass
         secret = None
         if current is None and not settled:
             secret = self._secret(namespace, name, job)
@@ -128,8 +133,16 @@ class Reconciler:
             claim=claim,
             secret=secret,
             log_tail=self._log_tail(namespace, name, pods),
+            **self._policy(),
             **settings,
         )
+
+    def _policy(self) -> dict[str, Any]:
+        """The policy's limits for plan(): `limits`, or `policy_problem` when they cannot be read."""
+        state = self.policy() if self.policy is not None else None
+        if isinstance(state, str):
+            return {"policy_problem": state}
+        return {"limits": state}
 
     def _secret(self, namespace: str, name: str, job: FineTuneJob) -> SecretCheck | None:
         """Whether the Hub token Secret exists: metadata only (its data never reaches the operator)."""
@@ -222,7 +235,9 @@ class Reconciler:
 
     def write_status(self, obs: Observed, result: Plan) -> None:
         old = obs.ftj.get("status") or {}
-        status = result.status
+        # The last stop before the API server: nothing secret in any field (compared redacted, as
+        # written, so a redacted message never looks like a change).
+        status: dict[str, Any] = redact_data(result.status)
         if _without_times(status) == _without_times(old):
             return
         meta = obs.ftj["metadata"]
@@ -234,9 +249,19 @@ class Reconciler:
 
     def _event(self, obj: dict[str, Any], event: Event) -> None:
         try:
-            self.kube.event(obj, event.type, event.reason, event.message, format_time(self.clock()))
+            message = redact(event.message)
+            self.kube.event(obj, event.type, event.reason, message, format_time(self.clock()))
         except Exception as e:  # an event is best effort: never fail a reconcile over one
             log.warning("could not record event %s: %s", event.reason, e)
+
+
+def _token_message(leaked: list[tuple[str | int, ...]]) -> str:
+    """Where the spec holds something token-shaped (a key is named by its redacted text)."""
+    where = ", ".join(
+        "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+        for loc in leaked
+    )
+    return f"{where}: looks like a Hugging Face token: {INLINE_TOKEN_FIX}"
 
 
 def _ctx(namespace: str, name: str) -> dict[str, str]:

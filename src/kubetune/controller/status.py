@@ -21,6 +21,7 @@ from kubetune.contract import (
     parse_termination_message,
 )
 from kubetune.durations import format_duration
+from kubetune.redact import redact
 from kubetune.render import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
@@ -154,7 +155,9 @@ def rank0_log_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _clip(text: str, limit: int = MESSAGE_MAX) -> str:
-    text = " ".join(text.split())
+    """One line of at most ``limit`` characters, secrets redacted first (every condition message, and
+    every Failure's, is made here): a token cut in half may no longer look like one."""
+    text = " ".join(redact(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -216,7 +219,8 @@ def pod_failure(pod: dict[str, Any], job: FineTuneJob | None = None) -> Failure:
     if not term:
         detail = ": ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
         return Failure("TrainerError", _clip(f"trainer pod {name} failed ({detail or 'no reason given'})"))
-    code, treason, text = term.get("exitCode"), term.get("reason"), str(term.get("message") or "")
+    # Redacted before the log's end is cut off: a cut could keep a token and lose its hf_ prefix.
+    code, treason, text = term.get("exitCode"), term.get("reason"), redact(str(term.get("message") or ""))
     exit_code = code if isinstance(code, int) else None
     if treason == "OOMKilled":
         return Failure("OOMKilled", oom_message(job), exit_code=exit_code)

@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from kubetune.contract import REASON_UNEXPECTED, Exit
+from kubetune.redact import install_process_redaction
 from kubetune.trainer import run
 from kubetune.trainer.errors import Preempted, TrainerError
 from kubetune.trainer.termination import redact, write_termination_log
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         "--output", help="output root (overrides spec.output.path); the run writes to <output>/runs/<run>/"
     )
     args = parser.parse_args(argv)
+    # Before anything can log, warn or fail: no secret in any line this process writes.
+    install_process_redaction("kubetune.trainer")
     try:
         run(args.spec, args.output)
     except TrainerError as exc:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_log(exc.reason, message)
         return exc.exit_code
     except Preempted as exc:
-        print(f"kubetune: {exc}", file=sys.stderr, flush=True)
+        print(f"kubetune: {redact(str(exc))}", file=sys.stderr, flush=True)
         write_termination_log(exc.reason, str(exc))
         return Preempted.exit_code
     except KeyboardInterrupt:

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 import kubetune
-from kubetune.api.v1alpha1 import HF_TOKEN_RE, FineTuneJobSpec
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.redact import contains_token, redact
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
@@ -35,14 +36,13 @@ def spec_yaml(spec: FineTuneJobSpec) -> str:
 
 
 def check_no_secrets(text: str, what: str = "model card") -> None:
-    """Refuse to write or push anything that holds a Hugging Face token (kept even under ``python -O``)."""
-    if HF_TOKEN_RE.search(text):
+    """Refuse to write or push anything that holds a Hugging Face token, the value of ``$HF_TOKEN`` or
+    a secret the trainer registered, plainly or base64-encoded (kubetune.redact; kept under ``-O``)."""
+    if contains_token(text):
         raise RuntimeError(
-            f"refusing to write the {what}: it contains something that looks like a Hugging Face token"
+            f"refusing to write the {what}: it contains something that looks like a Hugging Face token "
+            "or the value of HF_TOKEN"
         )
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token and token in text:
-        raise RuntimeError(f"refusing to write the {what}: it contains the value of HF_TOKEN")
 
 
 def _fmt(value: Any) -> str:
@@ -150,6 +150,7 @@ def render_card(
     ]
     lines += [f"- {k} {v}" for k, v in versions.items()]
     lines += ["", "## Raw metrics", "", "```json", json.dumps(metrics, indent=2), "```", ""]
-    text = "\n".join(lines)
+    # Redacted where it is made (a sample completion, a metric's text), then checked once more.
+    text = redact("\n".join(lines))
     check_no_secrets(text)
     return text

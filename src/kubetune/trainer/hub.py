@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, HubOutput
 from kubetune.contract import ENV_HF_TOKEN
+from kubetune.redact import add_secret, redact
 from kubetune.trainer.card import check_no_secrets
 from kubetune.trainer.errors import SecretMissing, TrainerError
 
@@ -22,15 +23,17 @@ WRITTEN_BY_KUBETUNE = {"README.md", "metrics.json", "samples.json"}
 
 def resolve_token(*, local: bool) -> str | None:
     """The Hugging Face token: ``$HF_TOKEN`` (from the Job's Secret), or, in a local run, the one
-    ``huggingface_hub`` knows (``hf auth login``). ``None`` when there is none."""
-    from kubetune.trainer.termination import add_secret
+    ``huggingface_hub`` knows (``hf auth login``). ``None`` when there is none.
 
+    The token is registered as a secret as soon as it is read: from then on no log line, error,
+    termination message or card of this process can hold it, whatever its shape (kubetune.redact)."""
     token = os.environ.get(ENV_HF_TOKEN, "").strip()
+    add_secret(token)
     if not token and local:
         from huggingface_hub import get_token
 
         token = (get_token() or "").strip()
-    add_secret(token)
+        add_secret(token)
     return token or None
 
 
@@ -105,8 +108,14 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _http_summary(exc: BaseException) -> str:
+    """The status, the first line of the error and the Hub's own message, redacted: a Hub (or a proxy)
+    may echo the request's Authorization header in its error body."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    text = redact(str(exc)).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    server = " ".join(redact(str(getattr(exc, "server_message", None) or "")).split())
+    if server and server not in first:
+        first = f"{first} (the Hub says: {server[:300]})"
     return f"HTTP {status}: {first}" if status is not None else first
 
 
@@ -123,7 +132,9 @@ def push(
     for path_in_repo, local in files:
         if path_in_repo in WRITTEN_BY_KUBETUNE:
             check_no_secrets(local.read_text(encoding="utf-8", errors="replace"), what=path_in_repo)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token or hub_token())
+    token = token or hub_token()
+    add_secret(token)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     retrying = Retrying(
         retry=retry_if_exception(_transient),
         stop=stop_after_attempt(ATTEMPTS),

@@ -81,7 +81,9 @@ class ProgressFile:
                 raise ValueError(f"unknown progress state {state!r}; one of {PHASES}")
             self.data["state"] = state
         for key, value in fields.items():
-            self.data[key] = redact(value) if key == "message" and isinstance(value, str) else _finite(value)
+            # Every text that reaches progress.json and the progress line is redacted (the message most
+            # of all: it repeats an error).
+            self.data[key] = redact(value) if isinstance(value, str) else _finite(value)
         self.data["updated_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if not self.enabled:
             return

@@ -25,6 +25,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import ENV_RUN
+from kubetune.redact import install_process_redaction, redact_data
 from kubetune.trainer import config as cfg
 from kubetune.trainer import layout
 from kubetune.trainer.errors import DataError, OutOfMemory, Preempted, TrainerError
@@ -72,6 +73,8 @@ def setup_logging(is_main: bool) -> None:
     warnings.filterwarnings(
         "ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning
     )
+    # No secret in any log line, warning or traceback: ours and the libraries' (their handlers exist now).
+    install_process_redaction(log.name, "transformers", "huggingface_hub", "datasets", "accelerate")
 
 
 def _losses(log_history: list[dict[str, Any]]) -> list[float]:
@@ -214,7 +217,7 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
         token = hub.require_token(job, local=not os.environ.get(ENV_RUN))
     except TrainerError as exc:
         with contextlib.suppress(OSError):  # a read-only output folder must not hide the error
-            progress.update("Failed", message=str(exc)[:1000])
+            progress.update("Failed", message=redact(str(exc))[:1000])
         raise
 
     from accelerate import PartialState
@@ -237,7 +240,7 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
         oom = None if isinstance(exc, TrainerError) else find_out_of_memory(exc)
         if oom is not None:
             error = OutOfMemory(out_of_memory_message(job, oom, progress.data))
-            progress.update("Failed", eta_seconds=None, message=str(error)[:1000])
+            progress.update("Failed", eta_seconds=None, message=redact(str(error))[:1000])
             raise error from exc
         text = str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}"
         progress.update("Failed", eta_seconds=None, message=redact(text)[:1000])
@@ -482,7 +485,8 @@ def _run(
         if spec.training.distributed == "fsdp" and state.num_processes > 1:
             log.warning("samples skipped: generating from one rank of a sharded (FSDP) model would hang")
         else:
-            samples = modeling.generate_samples(trainer.model, tokenizer, spec, hw)
+            # What the model says goes into samples.json, the card and the log: never a secret.
+            samples = redact_data(modeling.generate_samples(trainer.model, tokenizer, spec, hw))
             for s in samples:
                 log.info("sample: %r → %r", s["prompt"], s["completion"])
     write_json_atomic(run_folder / "samples.json", samples)
