@@ -20,8 +20,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kubetune.api import load
-from kubetune.api.load import Problem, json_key, resolve_plain, validate_bytes, validate_paths
+from kubetune.api import kyaml, load
+from kubetune.api.kyaml import Problem, json_key, resolve_plain
+from kubetune.api.load import validate_bytes, validate_paths
 from kubetune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,8 +400,8 @@ def _no_leak(text: str) -> None:
 def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The same answers from libyaml's parser and from PyYAML's own."""
     if request.param == "python":
-        monkeypatch.setattr(load, "PARSER", load._PyParser)
-    elif load._libyaml_parser() is None:
+        monkeypatch.setattr(kyaml, "PARSER", kyaml._PyParser)
+    elif kyaml._libyaml_parser() is None:
         pytest.skip("PyYAML without libyaml")
     yield request.param
 
@@ -598,7 +599,7 @@ def test_links_to_folders_are_followed_once(tmp_path: Path) -> None:
 def test_a_file_over_16_mib(tmp_path: Path) -> None:
     file = tmp_path / "huge.yaml"
     with file.open("wb") as f:
-        f.truncate(load.MAX_FILE_BYTES + 1)
+        f.truncate(kyaml.MAX_FILE_BYTES + 1)
     [problem] = _problems(file)
     assert problem.path == "<file>" and "over 16 MiB" in problem.message and "split it" in problem.message
 
@@ -744,7 +745,7 @@ def test_a_job_written_with_kubectl_isms_is_valid(tmp_path: Path) -> None:
 def test_both_parsers_read_the_examples_the_same(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = example.read_text()
     fast = [d.data for d in load.parse_yaml(text)]
-    monkeypatch.setattr(load, "PARSER", load._PyParser)
+    monkeypatch.setattr(kyaml, "PARSER", kyaml._PyParser)
     assert [d.data for d in load.parse_yaml(text)] == fast
     # And, for these plain files, what PyYAML itself reads (numbers written with a dot).
     assert fast == [d for d in yaml.safe_load_all(text) if d is not None]

@@ -36,7 +36,8 @@ def validate(paths: tuple[str, ...], quiet: bool) -> None:
     then a summary. Exit code 0 when every job is valid, 1 when there is a problem, 2 when kubetune
     itself failed. Nothing printed holds a token.
     """
-    from kubetune.api.load import REPORT, validate_paths
+    from kubetune.api.kyaml import REPORT
+    from kubetune.api.load import validate_paths
     from kubetune.redact import redact
 
     try:

@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubetune.contract import LABEL_JOB, MANAGED_BY
@@ -190,32 +191,34 @@ class Operator:
         name = meta.get("name") if kind == "FineTuneJob" else (meta.get("labels") or {}).get(LABEL_JOB)
         return (str(namespace), str(name)) if namespace and name else None
 
-    def _watch(self, kind: str) -> None:
-        selector = None if kind == "FineTuneJob" else MANAGED
+    def _list_watch(
+        self,
+        kind: str,
+        list_: Callable[[], dict[str, Any]],
+        stream: Callable[[str], Iterable[dict[str, Any]]],
+        on_list: Callable[[list[dict[str, Any]]], None],
+        on_event: Callable[[str, dict[str, Any]], None],
+        on_error: Callable[[Exception], None] = lambda e: None,
+    ) -> None:
+        """List, then watch from the list's resourceVersion until the next resync; relist on 410 Gone,
+        and after any other error with back-off (1 s doubling to 60 s)."""
         backoff = 1.0
         while not self._stop.is_set():
             try:
-                listing = self.kube.list_raw(kind, self.namespace, selector)
-                for item in listing.get("items") or []:
-                    key = self._key(kind, item)
-                    if key:
-                        self.queue.add(key)
-                self._synced[kind].set()
+                listing = list_()
+                on_list(listing.get("items") or [])
                 rv = listing["metadata"]["resourceVersion"]
                 relist_at = time.monotonic() + self.resync_seconds
                 while not self._stop.is_set() and time.monotonic() < relist_at:
-                    for event in self.kube.stream(kind, self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS):
+                    for event in stream(rv):
                         if self._stop.is_set():
                             return
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             raise _Gone() if obj.get("code") == 410 else RuntimeError(json.dumps(obj)[:300])
                         rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
-                        if event["type"] == "BOOKMARK":
-                            continue
-                        key = self._key(kind, obj)
-                        if key:
-                            self.queue.add(key)
+                        if event["type"] != "BOOKMARK":
+                            on_event(event["type"], obj)
                 backoff = 1.0
             except _Gone:
                 log.info("%s watch expired; relisting", kind)
@@ -225,52 +228,58 @@ class Operator:
                     continue
                 if self._stop.is_set():
                     return
+                on_error(e)
                 log.warning("%s watch failed (%s); retrying in %.0fs", kind, str(e)[:200], backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
+
+    def _watch(self, kind: str) -> None:
+        """FineTuneJobs and their children: every change enqueues the FineTuneJob it belongs to."""
+        selector = None if kind == "FineTuneJob" else MANAGED
+
+        def enqueue(obj: dict[str, Any]) -> None:
+            key = self._key(kind, obj)
+            if key:
+                self.queue.add(key)
+
+        def listed(items: list[dict[str, Any]]) -> None:
+            for item in items:
+                enqueue(item)
+            self._synced[kind].set()
+
+        self._list_watch(
+            kind,
+            lambda: self.kube.list_raw(kind, self.namespace, selector),
+            lambda rv: self.kube.stream(kind, self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS),
+            listed,
+            lambda _type, obj: enqueue(obj),
+        )
 
     # The policy ConfigMap: its limits, kept for the reconciler ---------------------------------------
 
     def _watch_policy(self, namespace: str, name: str) -> None:
         field = f"metadata.name={name}"
-        backoff = 1.0
-        while not self._stop.is_set():
-            try:
-                listing = self.kube.list_config_map(namespace, name)
-                items = listing.get("items") or []
-                self._set_policy(items[0] if items else None)
-                self._synced["Policy"].set()
-                rv = listing["metadata"]["resourceVersion"]
-                relist_at = time.monotonic() + self.resync_seconds
-                while not self._stop.is_set() and time.monotonic() < relist_at:
-                    events = self.kube.stream("ConfigMap", namespace, None, rv, WATCH_TIMEOUT_SECONDS, field)
-                    for event in events:
-                        if self._stop.is_set():
-                            return
-                        obj = event["object"]
-                        if event["type"] == "ERROR":
-                            raise _Gone() if obj.get("code") == 410 else RuntimeError(json.dumps(obj)[:300])
-                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
-                        if event["type"] in ("ADDED", "MODIFIED"):
-                            self._set_policy(obj)
-                        elif event["type"] == "DELETED":
-                            self._set_policy(None)
-                backoff = 1.0
-            except _Gone:
-                continue
-            except Exception as e:
-                if is_status(e, 410):
-                    continue
-                if self._stop.is_set():
-                    return
-                if is_status(e, 401, 403) or not self._policy_read.is_set():
-                    # Not allowed, or never read: no run may start on limits nobody has seen.
-                    self._set_state(
-                        unreadable_message(_source(namespace, name), str(e).splitlines()[0][:200])
-                    )
-                log.warning("policy ConfigMap watch failed (%s); retrying in %.0fs", str(e)[:200], backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
+
+        def listed(items: list[dict[str, Any]]) -> None:
+            self._set_policy(items[0] if items else None)
+            self._synced["Policy"].set()
+
+        def changed(type_: str, obj: dict[str, Any]) -> None:
+            self._set_policy(None if type_ == "DELETED" else obj)
+
+        def failed(e: Exception) -> None:
+            if is_status(e, 401, 403) or not self._policy_read.is_set():
+                # Not allowed, or never read: no run may start on limits nobody has seen.
+                self._set_state(unreadable_message(_source(namespace, name), str(e).splitlines()[0][:200]))
+
+        self._list_watch(
+            "policy ConfigMap",
+            lambda: self.kube.list_config_map(namespace, name),
+            lambda rv: self.kube.stream("ConfigMap", namespace, None, rv, WATCH_TIMEOUT_SECONDS, field),
+            listed,
+            changed,
+            failed,
+        )
 
     def _set_policy(self, obj: dict[str, Any] | None) -> None:
         assert self.policy_configmap is not None
