@@ -158,7 +158,9 @@ def test_logs_and_termination_messages_come_back(
         pod(
             real_node,
             "crash",
-            "import sys; print('loading', flush=True); "
+            # One stream: the kubelet keeps the order of lines within a stream, not across stdout
+            # and stderr (they were seen swapped in CI).
+            "import sys; print('loading', file=sys.stderr, flush=True); "
             "print('bad column: text', file=sys.stderr); sys.exit(3)",
             container=fallback,
         ),
