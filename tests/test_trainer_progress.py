@@ -21,12 +21,13 @@ from kubetune.contract import (
     parse_termination_message,
     termination_message,
 )
+from kubetune.redact import redact
 from kubetune.render import run_name as rendered_run_name
 from kubetune.trainer import hub, layout
 from kubetune.trainer.errors import DataError, OutOfMemory, Preempted, SecretMissing, SpecError, TrainerError
 from kubetune.trainer.progress import ProgressFile
 from kubetune.trainer.resume import PreemptionFlag
-from kubetune.trainer.termination import redact, write_termination_log
+from kubetune.trainer.termination import write_termination_log
 
 FAKE_TOKEN = "hf_" + "FakeProgressToken0123456789abc"
 

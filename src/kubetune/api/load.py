@@ -67,7 +67,7 @@ from kubetune.api.kyaml import (
     resolve_plain,
     shown,
 )
-from kubetune.api.v1alpha1 import API_VERSION, GROUP, INLINE_TOKEN_FIX, KIND, FineTuneJob
+from kubetune.api.v1alpha1 import API_VERSION, GROUP, KIND, TOKEN_MESSAGE, FineTuneJob
 from kubetune.redact import find_tokens, redact
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,16 +122,6 @@ def _descend(annotation: Any, part: str | int) -> Any:
     return None
 
 
-# Regexes explained in words, with the fix (names looked up, so the models may add or drop some).
-_PATTERN_WORDS = {
-    "K8S_NAME_RE": "must be a lowercase DNS name: a-z, 0-9, '-' and '.', starting and ending with a letter "
-    "or digit",
-    "QUANTITY_RE": "must be a Kubernetes quantity, e.g. 8, 500m, 64Gi",
-    "HUB_ID_RE": "must be a Hub id such as org/name",
-}
-_PATTERNS = {getattr(api, name): words for name, words in _PATTERN_WORDS.items() if hasattr(api, name)}
-
-
 def _type_hint(kind: str, value: Any) -> str:
     """What was found instead of the type wanted, and the fix."""
     got = api.kind_of(value)
@@ -165,9 +155,6 @@ _TYPE_ERRORS = {
 
 def _message(err: Any) -> str:
     kind, loc, msg = err["type"], err["loc"], err["msg"]
-    if kind == "string_pattern_mismatch":
-        pattern = err.get("ctx", {}).get("pattern")
-        return f"{_PATTERNS.get(pattern, msg)} (got {shown(err.get('input'))})"
     if kind == "extra_forbidden":
         fields = _model_fields_at(tuple(loc[:-1])) or []
         unknown = str(loc[-1])
@@ -220,15 +207,7 @@ def validate_document(
     # First, before anything can echo a value: a token anywhere, keys and bytes and base64 included.
     leaked = find_tokens(data, loc)
     if leaked:
-        return None, [
-            Problem(
-                doc.file,
-                doc.line_of(at),
-                field_path(at),
-                "looks like a Hugging Face token: " + INLINE_TOKEN_FIX,
-            )
-            for at in leaked
-        ]
+        return None, [Problem(doc.file, doc.line_of(at), field_path(at), TOKEN_MESSAGE) for at in leaked]
     if not check_model:
         return None, []
     if data.get("apiVersion") != API_VERSION:

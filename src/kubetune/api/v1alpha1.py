@@ -47,7 +47,7 @@ from pydantic.config import JsonDict
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
 from kubetune.contract import RESERVED_PATHS, Phase
-from kubetune.redact import TOKEN_RE, find_tokens
+from kubetune.redact import find_tokens
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -59,8 +59,6 @@ SHORT_NAMES = ["ftj"]
 
 # Hugging Face tokens. Anything that looks like one, anywhere in a spec (keys, bytes and base64
 # included), is refused: tokens travel only through a Secret (secretKeyRef). kubetune.redact finds them.
-HF_TOKEN_RE = TOKEN_RE  # kept for importers; the pattern is redact.TOKEN_RE
-find_inline_tokens = find_tokens
 INLINE_TOKEN_FIX = (
     "never put a token in a spec; store it in a Secret and reference it with "
     "spec.output.hub.token.secretKeyRef"

@@ -24,8 +24,9 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from kubetune.api.kyaml import field_path
 from kubetune.api.load import describe
-from kubetune.api.v1alpha1 import INLINE_TOKEN_FIX, FineTuneJob
+from kubetune.api.v1alpha1 import TOKEN_MESSAGE, FineTuneJob
 from kubetune.contract import LABEL_JOB, LABEL_RUN
 from kubetune.controller.kube import Kube, api_message
 from kubetune.controller.plan import (
@@ -257,11 +258,7 @@ class Reconciler:
 
 def _token_message(leaked: list[tuple[str | int, ...]]) -> str:
     """Where the spec holds something token-shaped (a key is named by its redacted text)."""
-    where = ", ".join(
-        "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-        for loc in leaked
-    )
-    return f"{where}: looks like a Hugging Face token: {INLINE_TOKEN_FIX}"
+    return f"{', '.join(map(field_path, leaked))}: {TOKEN_MESSAGE}"
 
 
 def _ctx(namespace: str, name: str) -> dict[str, str]:

@@ -14,10 +14,10 @@ import sys
 import traceback
 
 from kubetune.contract import REASON_UNEXPECTED, Exit
-from kubetune.redact import install_process_redaction
+from kubetune.redact import install_process_redaction, redact
 from kubetune.trainer import run
 from kubetune.trainer.errors import Preempted, TrainerError
-from kubetune.trainer.termination import redact, write_termination_log
+from kubetune.trainer.termination import write_termination_log
 
 INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C twice, stopped without a checkpoint (local runs only)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.contract import PHASES, Phase, progress_line
-from kubetune.trainer.termination import redact
+from kubetune.redact import redact
 
 __all__ = ["PHASES", "Phase", "ProgressFile", "write_json_atomic"]
 

@@ -12,18 +12,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from kubetune import redact as _redact
 from kubetune.contract import ENV_TERMINATION_LOG, termination_message
-
-
-def add_secret(value: str | None) -> None:
-    """Redact ``value`` too from now on."""
-    _redact.add_secret(value)
-
-
-def redact(text: str, env: Mapping[str, str] = os.environ) -> str:
-    """``text`` with anything token-shaped and the value of ``$HF_TOKEN`` replaced."""
-    return _redact.redact(text, env)
+from kubetune.redact import redact
 
 
 def write_termination_log(

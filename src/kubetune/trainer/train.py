@@ -25,7 +25,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import ENV_RUN
-from kubetune.redact import install_process_redaction, redact_data
+from kubetune.redact import install_process_redaction, redact, redact_data
 from kubetune.trainer import config as cfg
 from kubetune.trainer import layout
 from kubetune.trainer.errors import DataError, OutOfMemory, Preempted, TrainerError
@@ -33,7 +33,6 @@ from kubetune.trainer.progress import ProgressFile, write_json_atomic
 from kubetune.trainer.resume import PreemptionFlag, checkpoint_step, find_resume_checkpoint
 from kubetune.trainer.spec import base_dir as spec_base_dir
 from kubetune.trainer.spec import load_job, resolve_output
-from kubetune.trainer.termination import redact
 
 log = logging.getLogger("kubetune.trainer")
 
