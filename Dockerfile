@@ -10,18 +10,19 @@
 #           and multi-node settings of the Job's environment (a lone process runs the trainer directly).
 #           Also ships the repository's jobs/ at /opt/kubetune/jobs (jobs/tiny: a model small enough to
 #           smoke-test a cluster with).
-# operator  the same base and kubetune[operator]: no torch, no CUDA.
+# operator  the same base and kubetune-operator (operator/): no torch, no CUDA.
 #
 # Both run as uid/gid 1000 ("kubetune"). Every input is pinned: the base image by tag and digest,
-# Debian's python3 by package version, uv by version, kubetune's direct dependencies by the pins of
-# pyproject.toml's extras, and everything else by resolving against PyPI as it stood at PYPI_SNAPSHOT
-# (uv's --exclude-newer). Moving any of them is an edit to this file; refresh the digest with
-# `docker buildx imagetools inspect debian:<tag>`.
+# Debian's python3 by package version, uv by version, and every Python package by uv.lock (version
+# and hash: `uv export --frozen`, installed with --require-hashes). The build backend (setuptools) is
+# resolved against PyPI as it stood at PYPI_SNAPSHOT (uv's --exclude-newer, the lock's own
+# exclude-newer). Moving any of them is an edit to this file or to uv.lock (`uv lock`); refresh the
+# digest with `docker buildx imagetools inspect debian:<tag>`.
 #
-# Layers: the dependencies are installed from pyproject.toml alone, then the kubetune wheel with
-# --no-deps, so a change under src/ rebuilds a layer of a few hundred kB, not the 5 GB torch stack
-# (and the stack is installed in the image's own stage: a COPY of it from another stage would store
-# it twice and be hashed whole by every build).
+# Layers: the dependencies are installed from uv.lock and the pyproject.toml files alone, then the
+# kubetune (and kubetune-operator) wheels with --no-deps, so a change of the source rebuilds a layer of
+# a few hundred kB, not the 5 GB torch stack (and the stack is installed in the image's own stage: a
+# COPY of it from another stage would store it twice and be hashed whole by every build).
 #
 # Build arguments for builds without a registry (hack/node/images.sh passes them):
 #   BASE_IMAGE    any Debian trixie image. One that already has python3, python3-venv and
@@ -77,15 +78,25 @@ RUN python3 -m venv /opt/uv \
 WORKDIR /src
 
 # ---------------------------------------------------------------------------------------------------
-# wheel: the kubetune wheel. The build backend (setuptools) is resolved under the same snapshot.
+# wheel: the kubetune and kubetune-operator wheels. The build backend (setuptools) is resolved under
+# the same snapshot.
 # ---------------------------------------------------------------------------------------------------
 FROM uv AS wheel
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md uv.lock ./
 COPY src/ src/
-RUN /opt/uv/bin/uv build --wheel --out-dir /wheels .
+COPY operator/ operator/
+RUN /opt/uv/bin/uv build --wheel --all-packages --out-dir /wheels
 
 # ---------------------------------------------------------------------------------------------------
-# operator: `kubetune operator`.
+# lock: the workspace's manifests and uv.lock, all `uv export` needs (no source: a source change
+# leaves the dependency layers cached).
+# ---------------------------------------------------------------------------------------------------
+FROM scratch AS lock
+COPY pyproject.toml uv.lock /
+COPY operator/pyproject.toml /operator/
+
+# ---------------------------------------------------------------------------------------------------
+# operator: `kubetune-operator`.
 # ---------------------------------------------------------------------------------------------------
 FROM base AS operator
 ARG BASE_IMAGE
@@ -101,22 +112,25 @@ LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
-# The dependencies first, from pyproject.toml alone: this layer changes only with its pins.
-COPY pyproject.toml /opt/kubetune/pyproject.toml
+# The dependencies first, from uv.lock alone: this layer changes only with the lock.
+COPY --from=lock / /opt/kubetune/lock/
 RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
-    /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
-    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs \
-        --exclude-newer "${PYPI_SNAPSHOT}" --link-mode copy --compile-bytecode \
-        -r /opt/kubetune/pyproject.toml --extra operator \
+    /opt/uv/bin/uv export --project /opt/kubetune/lock --frozen --no-dev --no-emit-workspace --package kubetune-operator \
+        -q -o /opt/kubetune/requirements.txt \
+    && /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
+    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs --require-hashes \
+        --link-mode copy --compile-bytecode -r /opt/kubetune/requirements.txt \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch in the operator" >&2; exit 1; fi
-# Then kubetune itself. The wheel is COPYed (a layer of a few hundred kB), not mounted: podman and
-# buildah key a RUN's cache on its command alone, so a mounted wheel's changes would go unseen.
+# Then kubetune and the operator. The wheels are COPYed (a layer of a few hundred kB), not mounted:
+# podman and buildah key a RUN's cache on its command alone, so a mounted wheel's changes would go
+# unseen.
 COPY --from=wheel /wheels/ /opt/kubetune/wheels/
 RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
     /opt/uv/bin/uv pip install --python /opt/venv/bin/python --offline --no-cache --no-deps \
         --compile-bytecode "/opt/kubetune/wheels/kubetune-${VERSION}-py3-none-any.whl" \
+        "/opt/kubetune/wheels/kubetune_operator-${VERSION}-py3-none-any.whl" \
     && /opt/uv/bin/uv pip check --python /opt/venv/bin/python \
-    && /opt/venv/bin/python -c "import kubetune.cli, kubernetes"
+    && /opt/venv/bin/python -c "import kubetune.cli, kubetune_operator.cli, kubernetes"
 ENV PATH=/opt/venv/bin:${PATH} \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -125,7 +139,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 WORKDIR /home/kubetune
 # Numeric, so that a Pod's runAsNonRoot can check it without resolving a name.
 USER 1000:1000
-ENTRYPOINT ["kubetune", "operator"]
+ENTRYPOINT ["kubetune-operator"]
 
 # ---------------------------------------------------------------------------------------------------
 # trainer: what the FineTuneJob's Pods run (render.py's DEFAULT_IMAGE). The last stage, so a plain
@@ -149,13 +163,14 @@ LABEL org.opencontainers.image.title="kubetune-trainer" \
 # that run containers under an arbitrary uid in group 0 (OpenShift).
 RUN install -d -o 1000 -g 0 -m 0775 /workspace /home/kubetune/.cache \
     && chgrp 0 /home/kubetune && chmod 0775 /home/kubetune
-# The 5 GB layer first, from pyproject.toml alone: it changes only with the pins.
-COPY pyproject.toml /opt/kubetune/pyproject.toml
+# The 5 GB layer first, from uv.lock alone: it changes only with the lock.
+COPY --from=lock / /opt/kubetune/lock/
 RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
-    /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
-    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs \
-        --exclude-newer "${PYPI_SNAPSHOT}" --link-mode copy --compile-bytecode \
-        -r /opt/kubetune/pyproject.toml --extra trainer \
+    /opt/uv/bin/uv export --project /opt/kubetune/lock --frozen --no-dev --no-emit-workspace --package kubetune --extra trainer \
+        -q -o /opt/kubetune/requirements.txt \
+    && /opt/uv/bin/uv venv --no-python-downloads --python /usr/bin/python3 /opt/venv \
+    && /opt/uv/bin/uv pip install --python /opt/venv/bin/python --system-certs --require-hashes \
+        --link-mode copy --compile-bytecode -r /opt/kubetune/requirements.txt \
     && /opt/venv/bin/python -c "import torch, accelerate, bitsandbytes, peft, trl, transformers, datasets"
 COPY --from=wheel /wheels/ /opt/kubetune/wheels/
 RUN --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \

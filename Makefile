@@ -3,14 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit e2e node-deps images shellcheck generate verify bench fuzz clean
+.PHONY: lock setup demo test lint typecheck unit e2e node-deps images shellcheck generate verify bench fuzz clean
 
-# One virtual environment with the CLI, the trainer stack and the dev tools. uv (installed into the
-# venv itself, from PyPI) makes the ~5 GB torch install take seconds when cached.
-$(VENV)/.installed: pyproject.toml
+# One virtual environment with both packages of the workspace (kubetune, operator/'s
+# kubetune-operator; editable), the trainer stack and the dev tools, exactly as uv.lock pins them. uv
+# (installed into the venv itself, from PyPI, at the version the lock also pins) makes the ~5 GB torch
+# install take seconds when cached.
+$(VENV)/.installed: pyproject.toml operator/pyproject.toml uv.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install -q --compile-bytecode --python $(PY) -e ".[trainer,operator,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync -q --frozen --inexact --all-extras --all-packages \
+		--compile-bytecode
 	touch $@
 
 setup: $(VENV)/.installed
@@ -20,8 +23,8 @@ demo: setup
 	$(BIN)/kubetune run jobs/tiny-local.yaml --local --output out/tiny-local
 
 lint: setup
-	$(BIN)/ruff check src tests bench hack
-	$(BIN)/ruff format --check src tests bench hack
+	$(BIN)/ruff check src operator tests bench hack
+	$(BIN)/ruff format --check src operator tests bench hack
 
 typecheck: setup
 	$(BIN)/mypy
@@ -49,11 +52,16 @@ test: lint typecheck
 	@[ "$${KUBETUNE_SKIP_E2E:-}" = 1 ] || bash hack/node/install-deps.sh
 	$(BIN)/pytest
 
-# Regenerate the CRD, the JSON schema, the README reference, the admission policies and the golden
-# files from the models.
+# The lock file, after an edit of a pyproject.toml's dependencies.
+lock: setup
+	$(BIN)/uv lock
+
+# Regenerate the CRD, the JSON schema, the README reference, the Argo CD patch, the admission policies,
+# the RBAC rules and the chart's values schema, and the golden files, from the code that defines them.
 generate: setup
 	$(PY) -m kubetune.api.generate
 	$(PY) -m kubetune.policy
+	$(PY) -m kubetune_operator.generate
 	UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/test_examples.py
 
 verify: setup

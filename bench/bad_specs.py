@@ -276,8 +276,8 @@ class OperatorProcess:
             raise RuntimeError(f"/metrics answered {code}")
         requests = reconciles = 0.0
         for line in text.splitlines():
-            if line.startswith("kubetune_api_requests_total "):
-                requests = float(line.split()[-1])
+            if line.startswith("kubetune_api_requests_total{"):  # by verb and resource
+                requests += float(line.split()[-1])
             elif line.startswith("kubetune_reconciles_total{"):
                 reconciles += float(line.split()[-1])
         return requests, reconciles

@@ -1,86 +1,64 @@
 """The Helm chart (charts/kubetune) and the kustomize base (manifests/base), without a cluster.
 
 `helm lint --strict` and `helm template` with the real helm, built from the Go module proxy by
-hack/helm/build.sh (once, about a minute; cached beside the e2e control plane). Without Go these
-tests FAIL, loudly; KUBETUNE_SKIP_E2E=1 skips the ones that need helm instead. What the chart grants
-is pinned here rule by rule, and checked against the API calls in src/kubetune/controller/.
+hack/helm/build.sh (once, about a minute; cached beside the e2e control plane), and `kubectl kustomize`
+with the test control plane's kubectl. Without Go these tests FAIL, loudly; KUBETUNE_SKIP_E2E=1 skips the
+ones that need helm or kubectl instead. What the chart grants is operator/src/kubetune_operator/rbac.py's,
+which is checked here against every Kubernetes API call in operator/src/kubetune_operator/.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from kubernetes import client
 
+from kubetune.api.v1alpha1 import GROUP, PLURAL
 from kubetune.policy import KEYS, Limits, admission_policies, load
+from kubetune_operator import rbac
+from kubetune_operator.values import Values
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"
 CRD = ROOT / "manifests" / "crd" / "kubetune.io_finetunejobs.yaml"
-# kustomize loads no file from outside a kustomization's folder, and helm renders the CRD from a file
-# inside the chart: both need a copy of the generated CRD, byte for byte.
-CRD_COPIES = (
-    CHART / "files" / "crds" / "kubetune.io_finetunejobs.yaml",
-    ROOT / "manifests" / "base" / "crd" / "kubetune.io_finetunejobs.yaml",
-)
+# helm renders the CRD from a file inside the chart (a chart reads no file outside its folder): a copy of
+# the generated CRD, byte for byte. kustomize needs none (manifests/base lists ../crd).
+CRD_COPIES = (CHART / "files" / "crds" / "kubetune.io_finetunejobs.yaml",)
 BASE = ROOT / "manifests" / "base"
 SINGLE_NAMESPACE = ROOT / "manifests" / "overlays" / "single-namespace"
 BUILD_HELM = ROOT / "hack" / "helm" / "build.sh"
+OPERATOR_SRC = ROOT / "operator" / "src" / "kubetune_operator"
 SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
 RELEASE, RELEASE_NS = "kubetune", "kubetune-system"
 
 Rule = tuple[str, str, str, str]  # apiGroup, resource, verb, resourceName ("" = any)
 
-# Every API call the operator makes (src/kubetune/controller/kube.py), as RBAC grants. The chart's
-# ClusterRole (or Role) and manifests/base/rbac.yaml must grant exactly these.
-OPERATOR_RULES: frozenset[Rule] = frozenset(
-    [
-        ("kubetune.io", "finetunejobs", "get", ""),
-        ("kubetune.io", "finetunejobs", "list", ""),
-        ("kubetune.io", "finetunejobs", "watch", ""),
-        ("kubetune.io", "finetunejobs/status", "patch", ""),
-        ("batch", "jobs", "list", ""),
-        ("batch", "jobs", "watch", ""),
-        ("batch", "jobs", "create", ""),
-        ("batch", "jobs", "patch", ""),
-        ("batch", "jobs", "delete", ""),
-        ("", "pods", "list", ""),
-        ("", "pods", "watch", ""),
-        ("", "pods/log", "get", ""),
-        ("", "configmaps", "create", ""),
-        ("", "configmaps", "delete", ""),
-        ("", "services", "create", ""),
-        ("", "services", "delete", ""),
-        ("", "persistentvolumeclaims", "get", ""),
-        ("", "persistentvolumeclaims", "create", ""),
-        ("", "persistentvolumeclaims", "patch", ""),
-        ("", "persistentvolumeclaims", "delete", ""),
-        ("", "secrets", "get", ""),
-        ("", "events", "create", ""),
-    ]
-)
+# The grants of rbac.py, by role (tests/e2e/test_install.py checks them on a real API server).
+# OPERATOR_RULES is what the chart grants where the operator reconciles, with secretPreCheck on.
+OPERATOR_RULES: frozenset[Rule] = frozenset(rbac.grants(rbac.OPERATOR, rbac.SECRET_PRECHECK))
 # The one grant secretPreCheck.enabled=false takes away (the metadata-only GET before a run starts).
-SECRET_PRECHECK_RULES: frozenset[Rule] = frozenset([("", "secrets", "get", "")])
+SECRET_PRECHECK_RULES: frozenset[Rule] = frozenset(rbac.grants(rbac.SECRET_PRECHECK))
 LEASE = "kubetune-operator"
 # The policy ConfigMap (kubetune.policy): listed and watched by name in the release namespace.
 POLICY_CONFIGMAP = "kubetune-policy"
 POLICY_RULES: frozenset[Rule] = frozenset(
-    [("", "configmaps", "list", POLICY_CONFIGMAP), ("", "configmaps", "watch", POLICY_CONFIGMAP)]
+    (g, r, v, POLICY_CONFIGMAP if n == rbac.POLICY_CONFIGMAP else n)
+    for g, r, v, n in rbac.grants(rbac.POLICY_READER)
 )
-LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(
-    [
-        ("coordination.k8s.io", "leases", "create", ""),
-        ("coordination.k8s.io", "leases", "get", LEASE),
-        ("coordination.k8s.io", "leases", "update", LEASE),
-    ]
-)
+LEADER_ELECTION_RULES: frozenset[Rule] = frozenset(rbac.grants(rbac.LEADER_ELECTION))
 
 # The roles for people who create FineTuneJobs, aggregated into the built-in edit/admin and view roles.
 USER_EDIT_RULES: frozenset[Rule] = frozenset(
@@ -93,43 +71,6 @@ USER_VIEW_RULES: frozenset[Rule] = frozenset(
     for verb in ("get", "list", "watch")
 )
 AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
-
-# The Python client's methods the controller calls, as the grants they need. A listing method also
-# serves the watch on the same resource (Kube.stream), so it needs both verbs.
-CLIENT_CALLS: dict[str, set[Rule]] = {
-    "get_namespaced_custom_object": {("kubetune.io", "finetunejobs", "get", "")},
-    "list_namespaced_custom_object": {
-        ("kubetune.io", "finetunejobs", "list", ""),
-        ("kubetune.io", "finetunejobs", "watch", ""),
-    },
-    "list_cluster_custom_object": {
-        ("kubetune.io", "finetunejobs", "list", ""),
-        ("kubetune.io", "finetunejobs", "watch", ""),
-    },
-    "patch_namespaced_custom_object_status": {("kubetune.io", "finetunejobs/status", "patch", "")},
-    "list_namespaced_job": {("batch", "jobs", "list", ""), ("batch", "jobs", "watch", "")},
-    "list_job_for_all_namespaces": {("batch", "jobs", "list", ""), ("batch", "jobs", "watch", "")},
-    "create_namespaced_job": {("batch", "jobs", "create", "")},
-    "patch_namespaced_job": {("batch", "jobs", "patch", "")},
-    "delete_namespaced_job": {("batch", "jobs", "delete", "")},
-    "list_namespaced_pod": {("", "pods", "list", ""), ("", "pods", "watch", "")},
-    "list_pod_for_all_namespaces": {("", "pods", "list", ""), ("", "pods", "watch", "")},
-    "read_namespaced_pod_log": {("", "pods/log", "get", "")},
-    "read_namespaced_secret": {("", "secrets", "get", "")},
-    "read_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "get", "")},
-    "create_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "create", "")},
-    "patch_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "patch", "")},
-    "delete_namespaced_persistent_volume_claim": {("", "persistentvolumeclaims", "delete", "")},
-    "create_namespaced_config_map": {("", "configmaps", "create", "")},
-    "delete_namespaced_config_map": {("", "configmaps", "delete", "")},
-    "create_namespaced_service": {("", "services", "create", "")},
-    "delete_namespaced_service": {("", "services", "delete", "")},
-    "create_namespaced_event": {("", "events", "create", "")},
-    "read_namespaced_lease": {("coordination.k8s.io", "leases", "get", LEASE)},
-    "create_namespaced_lease": {("coordination.k8s.io", "leases", "create", "")},
-    "replace_namespaced_lease": {("coordination.k8s.io", "leases", "update", LEASE)},
-    "list_namespaced_config_map": set(POLICY_RULES),
-}
 
 
 def expand(rules: Iterable[dict[str, Any]]) -> set[Rule]:
@@ -263,6 +204,7 @@ VARIANTS = {
     "defaults": [],
     "leader-election": ["--set", "replicaCount=3", "--set", "leaderElection.enabled=true"],
     "metrics": ["--set", "metrics.enabled=true"],
+    "service-monitor": ["--set", "metrics.enabled=true,metrics.serviceMonitor.enabled=true"],
     "watch-namespace": ["--set", "watchNamespace=ml-team"],
     "no-secret-precheck": ["--set", "secretPreCheck.enabled=false"],
     "no-crds-existing-sa": ["--set", "crds.enabled=false,serviceAccount.create=false,serviceAccount.name=op"],
@@ -324,7 +266,7 @@ def test_defaults_render_the_operator_with_cluster_wide_rbac(helm: Helm) -> None
     c = container(docs)
     assert c["image"] == "ghcr.io/kubetune/operator:0.1.0"
     assert c["imagePullPolicy"] == "IfNotPresent"
-    assert c["command"] == ["kubetune"] and c["args"][0] == "operator"
+    assert c["command"] == ["kubetune-operator"]
     assert flag(c, "workers") == "4"
     assert flag(c, "log-format") == "json"
     assert flag(c, "health-addr") == "0.0.0.0:8080"
@@ -401,26 +343,187 @@ def test_operator_rules_are_exactly_the_calls_it_makes(helm: Helm) -> None:
     assert expand(role["rules"]) == OPERATOR_RULES
 
 
-def test_operator_rules_cover_every_client_call_in_the_controller() -> None:
-    """Each Kubernetes client call in src/kubetune/controller/ maps to a grant, and each grant of the
-    operator's roles is used: a new API call fails this test until the RBAC (and the table) say so."""
-    needed: set[Rule] = set()
-    controller = ROOT / "src" / "kubetune" / "controller"
-    sources = [
-        controller / "kube.py",
-        *([controller / "leader.py"] if (controller / "leader.py").exists() else []),
-    ]
-    for source in sources:
-        text = source.read_text()
-        calls = set(re.findall(r"self\.(?:core|batch|custom|api)\.(\w+)", text))
-        assert calls, f"no client calls found in {source}"
-        unknown = calls - CLIENT_CALLS.keys()
-        assert not unknown, f"{source.name} calls {sorted(unknown)}: add their grants to the chart and here"
-        for call in calls:
-            needed |= CLIENT_CALLS[call]
-    granted = OPERATOR_RULES | POLICY_RULES
-    granted |= LEADER_ELECTION_RULES if (controller / "leader.py").exists() else frozenset()
-    assert needed == granted
+# ---------------------------------------------------------------------------------------------------
+# Every API call the operator makes, as the RBAC grant it needs (from the client's own request paths)
+# ---------------------------------------------------------------------------------------------------
+
+Need = tuple[str, str, str]  # apiGroup, resource, verb
+_HTTP_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
+
+
+def _needs(http: str, path: str) -> set[Need]:
+    """The grants one request needs: `GET /apis/batch/v1/namespaces/{namespace}/jobs` is list on jobs.
+    A list also needs watch: the operator lists to start a watch from (its informers, Kube.stream)."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 3:  # discovery (/api/, /apis/), which every client may read
+        return set()
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    if rest[:2] == ["namespaces", "{namespace}"] and len(rest) > 2:
+        rest = rest[2:]
+    if not rest or not rest[0]:  # discovery (/apis/batch/v1/), which every client may read
+        return set()
+    resource = "/".join([rest[0], *rest[2:3]])  # a subresource: pods/log, finetunejobs/status
+    # The custom objects API: the operator's only custom resource is the FineTuneJob.
+    group, resource = group.replace("{group}", GROUP), resource.replace("{plural}", PLURAL)
+    named = len(rest) > 1
+    if http in ("GET", "HEAD"):
+        return (
+            {(group, resource, "get")} if named else {(group, resource, "list"), (group, resource, "watch")}
+        )
+    if http == "DELETE":
+        return {(group, resource, "delete" if named else "deletecollection")}
+    return {(group, resource, _HTTP_VERBS.get(http, http.lower()))}
+
+
+# The client's API classes (kubernetes.client imports them lazily: dir() lists them, vars() does not).
+API_CLASSES = sorted(
+    n for n in dir(client) if n.endswith("Api") and n != "ApiClient" and isinstance(getattr(client, n), type)
+)
+_SERIALIZE = re.compile(r"def _(\w+)_serialize\(.*?method='(\w+)',\s*resource_path='([^']+)'", re.DOTALL)
+
+
+@functools.cache
+def client_methods() -> dict[str, dict[str, set[Need]]]:
+    """method name -> {API class name -> grants}, for every API class of the kubernetes client, read from
+    the request each method makes (the generated `_<method>_serialize`)."""
+    out: dict[str, dict[str, set[Need]]] = {}
+    for cls_name in API_CLASSES:
+        cls = getattr(client, cls_name)
+        methods = _SERIALIZE.findall(Path(inspect.getfile(cls)).read_text())
+        assert methods, f"{cls_name}: no request paths found in the generated client"
+        for name, http, path in methods:
+            if path.startswith(("/api/", "/apis/")) and hasattr(cls, name):
+                out.setdefault(name, {})[cls_name] = _needs(http, path)
+    return out
+
+
+def _api_classes(tree: ast.AST) -> dict[str, str]:
+    """`self.core = client.CoreV1Api(...)` (or `core = ...`): receiver name -> API class name."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            cls = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if cls in API_CLASSES:
+                for target in node.targets:
+                    name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+                    if name:
+                        out[name] = cls
+    return out
+
+
+def _names(node: ast.AST) -> set[str]:
+    return {
+        n.attr if isinstance(n, ast.Attribute) else n.id
+        for n in ast.walk(node)
+        if isinstance(n, ast.Attribute | ast.Name)
+    }
+
+
+def _unreached(trees: list[ast.Module]) -> set[int]:
+    """The nodes of methods of the API doors (classes that hold a client API object: Kube, LeaderElector)
+    that no other code of the operator reaches, directly or through other such methods: their calls need
+    no grant (a wrapper left over, or kept for tests, keeps no rule alive)."""
+    doors: list[ast.FunctionDef] = []
+    for tree in trees:
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _api_classes(n)):
+            doors += [f for f in cls.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")]
+    inside = {id(n): f for f in doors for n in ast.walk(f)}
+    names = {
+        n.attr if isinstance(n, ast.Attribute) else n.id
+        for tree in trees
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute | ast.Name) and id(n) not in inside
+    }
+    reached: set[int] = set()
+    while True:
+        more = [f for f in doors if id(f) not in reached and f.name in names]
+        if not more:
+            return {i for i, f in inside.items() if id(f) not in reached}
+        for f in more:
+            reached.add(id(f))
+            names |= _names(f)
+
+
+def operator_api_calls() -> dict[str, set[Need]]:
+    """Every Kubernetes API method the operator's code names (called, or handed to a watch or a table),
+    as `file:line method` -> the grants it needs."""
+    calls: dict[str, set[Need]] = {}
+    methods = client_methods()
+    sources = sorted(OPERATOR_SRC.glob("*.py"))
+    trees = [ast.parse(source.read_text()) for source in sources]
+    unreached = _unreached(trees)
+    for source, tree in zip(sources, trees, strict=True):
+        classes = _api_classes(tree)
+        for node in ast.walk(tree):
+            where = f"{source.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                # A raw request past the generated methods: the test cannot tell what it needs.
+                assert node.func.attr not in ("call_api", "param_serialize"), (
+                    f"{where}: a raw {node.func.attr}() request; use the client's typed methods, so that "
+                    "this test can map it to an RBAC rule"
+                )
+            if not isinstance(node, ast.Attribute) or node.attr not in methods or id(node) in unreached:
+                continue
+            by_class = methods[node.attr]
+            receiver = (
+                node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+            )
+            cls = classes.get(receiver)
+            if cls is None:
+                options = {frozenset(n) for n in by_class.values()}
+                assert len(options) == 1, f"{where}: {node.attr} on an API object of unknown class"
+                calls[f"{where} {node.attr}"] = set(next(iter(options)))
+            else:
+                assert cls in by_class, f"{where}: {cls} has no method {node.attr}"
+                calls[f"{where} {node.attr}"] = by_class[cls]
+    return calls
+
+
+def test_the_call_scan_reads_the_clients_paths() -> None:
+    assert client_methods()["read_namespaced_pod_log"]["CoreV1Api"] == {("", "pods/log", "get")}
+    assert client_methods()["list_job_for_all_namespaces"]["BatchV1Api"] == {
+        ("batch", "jobs", "list"),
+        ("batch", "jobs", "watch"),
+    }
+    assert client_methods()["patch_namespaced_custom_object_status"]["CustomObjectsApi"] == {
+        (GROUP, f"{PLURAL}/status", "patch")
+    }
+    assert client_methods()["create_namespaced_event"] == {
+        "CoreV1Api": {("", "events", "create")},
+        "EventsV1Api": {("events.k8s.io", "events", "create")},
+    }
+    assert client_methods()["replace_namespaced_lease"]["CoordinationV1Api"] == {
+        ("coordination.k8s.io", "leases", "update")
+    }
+    calls = operator_api_calls()
+    assert any(k.startswith("kube.py:") for k in calls) and any(k.startswith("leader.py:") for k in calls)
+
+
+def test_every_api_call_has_a_rule_and_every_rule_a_call() -> None:
+    """Each Kubernetes API call in operator/src/kubetune_operator/ maps to a rule of rbac.py, and each rule
+    is needed by a call: a new API call fails this test until rbac.py grants it (then `make generate`),
+    and a rule outlives no call."""
+    calls = operator_api_calls()
+    needed = {n for needs in calls.values() for n in needs}
+    roles = (rbac.OPERATOR, rbac.SECRET_PRECHECK, rbac.LEADER_ELECTION, rbac.POLICY_READER)
+    granted = {(g, r, v) for g, r, v, _ in rbac.grants(*roles)}
+    missing = {f"{k}: {sorted(n - granted)}" for k, n in calls.items() if n - granted}
+    assert not missing, f"API calls without an RBAC rule in rbac.py: {sorted(missing)}"
+    assert not granted - needed, f"rules of rbac.py that no API call needs: {sorted(granted - needed)}"
+    # Leases are leader election's alone, in the operator's own namespace.
+    leases = {n for n in needed if n[1] == "leases"}
+    assert leases == {(g, r, v) for g, r, v, _ in rbac.grants(rbac.LEADER_ELECTION)}
+
+
+def test_rules_are_granted_once() -> None:
+    """No (group, resource, verb) in two rules of one role: each grant has one reason."""
+    for role, rules in rbac.ROLES.items():
+        seen: set[tuple[str, str, str, str]] = set()
+        for rule in rules:
+            assert not rule.grants() & seen, (role, rule)
+            seen |= rule.grants()
+            assert rule.why.endswith("."), rule
 
 
 def test_watch_namespace_grants_a_role_there_only(helm: Helm) -> None:
@@ -472,6 +575,45 @@ def test_metrics_service(helm: Helm) -> None:
     ]
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_service_monitor_only_when_enabled(helm: Helm) -> None:
+    for args in ([], ["--set", "metrics.enabled=true"]):
+        assert "ServiceMonitor" not in {d["kind"] for d in helm.template(*args)}
+    docs = helm.template(
+        "--set",
+        "metrics.enabled=true,metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.interval=15s",
+        "--set",
+        "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+    )
+    monitor = one(docs, "ServiceMonitor", "kubetune")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == RELEASE_NS
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    endpoint = {"port": "metrics", "path": "/metrics", "interval": "15s", "honorLabels": True}
+    assert monitor["spec"]["endpoints"] == [endpoint]  # honorLabels: the per-job `namespace` label
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NS]}
+    # It selects the metrics Service, and that Service alone, by a port of that name.
+    services = [d for d in docs if d["kind"] == "Service"]
+    selected = [
+        d
+        for d in services
+        if monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+    ]
+    assert [d["metadata"]["name"] for d in selected] == ["kubetune-metrics"]
+    assert [p["name"] for p in selected[0]["spec"]["ports"]] == ["metrics"]
+    timeout = helm.template(
+        "--set",
+        "metrics.enabled=true,metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.scrapeTimeout=5s",
+    )
+    assert one(timeout, "ServiceMonitor")["spec"]["endpoints"][0]["scrapeTimeout"] == "5s"
+    # Without the metrics Service there is nothing to scrape.
+    assert "metrics.enabled=true" in helm.template_fails("--set", "metrics.serviceMonitor.enabled=true")
+    assert "interval" in helm.template_fails(
+        "--set",
+        "metrics.enabled=true,metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.interval=often",
+    )
 
 
 def test_no_grant_for_trainer_pods() -> None:
@@ -544,6 +686,7 @@ def test_kube_version_constraint(helm: Helm) -> None:
         ["--set", "image.bogus=1"],
         ["--set", "leaderElection.bogus=1"],
         ["--set", "metrics.service.bogus=1"],
+        ["--set", "metrics.serviceMonitor.bogus=1"],
         ["--set", "secretPreCheck.bogus=1"],
         ["--set", "policy.allowedImages=x"],
         ["--set", "admissionPolicy.bogus=1"],
@@ -643,6 +786,43 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     walk(schema, values, "")
 
 
+def test_values_yaml_validates_against_the_schema_and_the_model() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)] == []
+    Values.model_validate(values)  # strict, closed: every key of values.yaml is in the model
+
+
+def test_the_schema_and_the_model_reject_alike() -> None:
+    """values.schema.json is the model's: a bad value fails both (helm's own check is the tests above)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    validator = jsonschema.Draft7Validator(json.loads((CHART / "values.schema.json").read_text()))
+    for path, bad in [
+        ("bogus", 1),
+        ("metrics.serviceMonitor.bogus", 1),
+        ("metrics.serviceMonitor.interval", "often"),
+        ("workers", 0),
+        ("logFormat", "xml"),
+        ("securityContext.capabilities.drop", ["NET_RAW"]),
+        ("securityContext.capabilities.add", ["NET_ADMIN"]),
+        ("podSecurityContext.runAsNonRoot", False),
+        ("policy.maxGPUsPerJob", -1),
+        ("admissionPolicy.validationActions", ["Deny", "Deny"]),
+        ("image.digest", "sha256:short"),
+    ]:
+        doc = json.loads(json.dumps(values))
+        *parents, key = path.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[key] = bad
+        assert list(validator.iter_errors(doc)), f"the schema takes {path}={bad!r}"
+        if path != "admissionPolicy.validationActions":  # uniqueItems: a schema keyword, not a type
+            with pytest.raises(ValueError):
+                Values.model_validate(doc)
+
+
 # ---------------------------------------------------------------------------------------------------
 # manifests/base: the same grants and pod as the chart
 # ---------------------------------------------------------------------------------------------------
@@ -660,21 +840,35 @@ def test_base_rbac_is_the_charts(helm: Helm) -> None:
     assert expand(one(base, "ClusterRole")["rules"]) == expand(one(chart, "ClusterRole", "kubetune")["rules"])
     assert expand(one(base, "ClusterRole")["rules"]) == OPERATOR_RULES
     assert (
-        expand(one(base, "Role")["rules"])
+        expand(one(base, "Role", "kubetune-operator-leader-election")["rules"])
         == expand(one(chart, "Role", "kubetune-leader-election")["rules"])
         == LEADER_ELECTION_RULES
     )
-    assert {d["kind"] for d in base} == {
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "Role",
-        "RoleBinding",
-        "Deployment",
-    }
+    assert (
+        expand(one(base, "Role", "kubetune-policy-reader")["rules"])
+        == expand(one(chart, "Role", "kubetune-policy-reader")["rules"])
+        == POLICY_RULES
+    )
+    assert kinds(base) == [
+        ("ClusterRole", "kubetune-operator"),
+        ("ClusterRoleBinding", "kubetune-operator"),
+        ("Deployment", "kubetune-operator"),
+        ("Role", "kubetune-operator-leader-election"),
+        ("Role", "kubetune-policy-reader"),
+        ("RoleBinding", "kubetune-operator-leader-election"),
+        ("RoleBinding", "kubetune-policy-reader"),
+        ("ServiceAccount", "kubetune-operator"),
+    ]
+    for binding in (d for d in base if d["kind"].endswith("Binding")):
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}
+        ]
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert kustomization["namespace"] == "kubetune-system"
-    assert "crd/kubetune.io_finetunejobs.yaml" in kustomization["resources"]
+    # The CRD from manifests/crd itself (a kustomization of its own), not a copy.
+    assert "../crd" in kustomization["resources"]
+    assert not (BASE / "crd").exists()
 
 
 def test_base_pod_is_the_charts(helm: Helm) -> None:
@@ -831,7 +1025,9 @@ def _docs(path: Path) -> list[dict[str, Any]]:
 
 def test_base_policy_and_roles_are_the_charts(helm: Helm) -> None:
     chart = helm.template()
-    base = [d for f in ("policy.yaml", "admission-policy.yaml", "user-roles.yaml") for d in _docs(BASE / f)]
+    base = [
+        d for f in ("policy.yaml", "admission-policy.yaml", "user-roles.yaml") for d in _docs(BASE / f)
+    ] + [d for d in _docs(BASE / "rbac.yaml") if d["metadata"]["name"] == "kubetune-policy-reader"]
     assert kinds(base) == [
         ("ClusterRole", "kubetune-edit"),
         ("ClusterRole", "kubetune-view"),
@@ -881,7 +1077,69 @@ def test_single_namespace_overlay_grants_the_operator_a_role_there_only(helm: He
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}
     ]
-    # What kustomize makes of it (no ClusterRole for the operator, --namespace=ml-team, bindings scoped
-    # to ml-team) is checked by tests/e2e/test_install.py, with kubectl's kustomize.
+    # What kustomize makes of it: test_kustomize_single_namespace_overlay_grants_a_role_there_only here,
+    # and tests/e2e/test_install.py on a real API server.
     kustomization = yaml.safe_load((SINGLE_NAMESPACE / "kustomization.yaml").read_text())
     assert kustomization["resources"] == ["../../base", "role.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# kustomize: what `kubectl kustomize` makes of the base and the overlays (the real kubectl)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> Path:
+    if SKIP:
+        pytest.skip("KUBETUNE_SKIP_E2E=1: kubectl is not built")
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    import controlplane  # the e2e control plane's binaries (built from Go modules, cached)
+
+    try:
+        return controlplane.build() / "kubectl"
+    except controlplane.ControlPlaneError as e:
+        pytest.fail(f"{e} (set KUBETUNE_SKIP_E2E=1 to skip)", pytrace=False)
+
+
+def kustomize(kubectl: Path, folder: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [str(kubectl), "kustomize", str(folder)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_kustomize_base_installs_the_generated_crd_and_rules(kubectl: Path) -> None:
+    docs = kustomize(kubectl, BASE)
+    crd = one(docs, "CustomResourceDefinition")
+    labels = crd["metadata"]["labels"]
+    assert labels.pop("app.kubernetes.io/part-of") == "kubetune"
+    assert labels.pop("app.kubernetes.io/managed-by") == "kustomize"
+    assert "namespace" not in crd["metadata"]
+    assert json.dumps(crd, sort_keys=True) == json.dumps(yaml.safe_load(CRD.read_text()), sort_keys=True)
+    assert expand(one(docs, "ClusterRole", "kubetune-operator")["rules"]) == OPERATOR_RULES
+    leader = one(docs, "Role", "kubetune-operator-leader-election")
+    assert leader["metadata"]["namespace"] == "kubetune-system"
+    assert expand(leader["rules"]) == LEADER_ELECTION_RULES
+    assert expand(one(docs, "Role", "kubetune-policy-reader")["rules"]) == POLICY_RULES
+
+
+def test_kustomize_single_namespace_overlay_grants_a_role_there_only(kubectl: Path) -> None:
+    docs = kustomize(kubectl, SINGLE_NAMESPACE)
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == [
+        "kubetune-edit",
+        "kubetune-view",
+    ]
+    assert "ClusterRoleBinding" not in {d["kind"] for d in docs}
+    role = one(docs, "Role", "kubetune-operator")
+    assert role["metadata"]["namespace"] == "ml-team"
+    assert expand(role["rules"]) == OPERATOR_RULES
+    one(docs, "CustomResourceDefinition")
+    # The example overlay builds too (it binds the base ClusterRole in ml-team).
+    example = kustomize(kubectl, ROOT / "manifests" / "overlays" / "example")
+    assert expand(one(example, "ClusterRole", "kubetune-operator")["rules"]) == OPERATOR_RULES

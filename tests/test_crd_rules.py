@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import jsonschema
 import pytest
 import yaml
 from celpy import celtypes
+from pydantic import BaseModel, ValidationError
 
+from kubetune.api import v1alpha1 as api
 from kubetune.api.generate import crd
 from kubetune.api.v1alpha1 import INT64_MAX, INT64_MIN, QUANTITY_RE
 from test_invalid import BASE, CASES
@@ -220,3 +223,189 @@ def test_every_string_and_list_and_map_is_bounded() -> None:
         or (isinstance(n.get("additionalProperties"), dict) and "maxProperties" not in n)
     ]
     assert unbounded == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every cross-field rule (v1alpha1.Rule): the CRD's CEL and the models' check agree, word for word
+# ---------------------------------------------------------------------------------------------------
+
+SPEC = {"model": {"id": "org/base"}, "dataset": {"id": "org/data"}}
+HUB = {"repoId": "org/out", "token": {"secretKeyRef": {"name": "hf"}}}
+
+# For each rule, keyed by its model and a fragment of its message: documents of that model (as written,
+# wire names) that pass it, and documents that fail it and nothing else.
+RULE_SAMPLES: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+    ("ModelSource", "exactly one of model.id"): (
+        [{"id": "org/base"}, {"path": "/models/base"}],
+        [{}, {"id": "org/base", "path": "/models/base"}],
+    ),
+    ("ValidationSplit", "exactly one of validation.split"): (
+        [{"split": "test"}, {"fraction": 0.1}],
+        [{}, {"split": "test", "fraction": 0.1}],
+    ),
+    ("DatasetSource", "exactly one of dataset.id"): (
+        [{"id": "org/data"}, {"files": ["/data/a.jsonl"]}],
+        [{}, {"id": "org/data", "files": ["/data/a.jsonl"]}],
+    ),
+    ("DatasetSource", "files of one type"): (
+        [{"files": ["/data/a.jsonl", "/data/b.json"]}, {"files": ["/data/a.CSV"]}],
+        [{"files": ["/data/a.jsonl", "/data/b.csv"]}, {"files": ["/data/a.txt"]}],
+    ),
+    ("DatasetSource", "validation.split needs a Hub dataset"): (
+        [
+            {"id": "org/data", "validation": {"split": "test"}},
+            {"files": ["/data/a.jsonl"], "validation": {"fraction": 0.1}},
+        ],
+        [{"files": ["/data/a.jsonl"], "validation": {"split": "test"}}],
+    ),
+    ("MethodSpec", "qlora needs 4-bit"): (
+        [{}, {"quantization": {"bits": 4}}, {"type": "lora", "quantization": {"bits": 8}}],
+        [{"quantization": {"bits": 8}}, {"type": "qlora", "quantization": {"bits": 8}}],
+    ),
+    ("MethodSpec", "full fine-tuning"): (
+        [{"type": "full"}, {"type": "lora", "lora": {"r": 8}}],
+        [
+            {"type": "full", "quantization": {"bits": 4}},
+            {"type": "full", "quantization": {"bits": 8}},
+            {"type": "full", "quantization": {}},
+            {"type": "full", "lora": {"r": 8}},
+        ],
+    ),
+    ("TrainingSpec", "epochs or training.maxSteps"): (
+        [{}, {"epochs": 1}, {"maxSteps": 10}],
+        [{"epochs": 1, "maxSteps": 10}],
+    ),
+    ("TrainingSpec", "blockSize cannot exceed"): (
+        [{"blockSize": 512}, {"blockSize": 1024, "maxSeqLength": 1024}],
+        [{"blockSize": 1024}, {"blockSize": 256, "maxSeqLength": 128}],
+    ),
+    ("TrainingSpec", "saveSteps must be a multiple"): (
+        [
+            {"earlyStoppingPatience": 2, "saveSteps": 100, "evalSteps": 50},
+            {"saveSteps": 30, "evalSteps": 20},
+            {"earlyStoppingPatience": 2, "evalSteps": 30},
+        ],
+        [{"earlyStoppingPatience": 2, "saveSteps": 30, "evalSteps": 20}],
+    ),
+    ("Toleration", "without a key must use operator Exists"): (
+        [{"key": "team"}, {"operator": "Exists"}],
+        [{}, {"key": "", "operator": "Equal"}],
+    ),
+    ("Toleration", "Exists matches any value"): (
+        [
+            {"key": "team", "operator": "Exists"},
+            {"key": "team", "value": "a"},
+            {"operator": "Exists", "value": ""},
+        ],
+        [{"key": "team", "operator": "Exists", "value": "a"}],
+    ),
+    ("Toleration", "tolerationSeconds applies only"): (
+        [{"key": "team", "effect": "NoExecute", "tolerationSeconds": 10}],
+        [
+            {"key": "team", "tolerationSeconds": 10},
+            {"key": "team", "effect": "NoSchedule", "tolerationSeconds": 0},
+        ],
+    ),
+    ("ResourcesSpec", "gpuType needs GPUs"): (
+        [{"gpuType": "NVIDIA-A100"}, {"gpuType": "NVIDIA-A100", "gpusPerNode": 2}, {"gpusPerNode": 0}],
+        [{"gpuType": "NVIDIA-A100", "gpusPerNode": 0}],
+    ),
+    ("ResourcesSpec", "multi-node runs need GPUs"): (
+        [{"nodes": 2}, {"nodes": 1, "gpusPerNode": 0}],
+        [{"nodes": 2, "gpusPerNode": 0}],
+    ),
+    ("OutputSpec", "pushMerged needs output.hub"): (
+        [{"pushMerged": False}, {"pushMerged": True, "hub": HUB}],
+        [{"pushMerged": True}],
+    ),
+    ("StorageSpec", "(an existing claim) or storage.ephemeral"): (
+        [{"claimName": "shared"}, {"ephemeral": True}, {"claimName": "shared", "ephemeral": False}],
+        [{"claimName": "shared", "ephemeral": True}],
+    ),
+    ("StorageSpec", "set storage.size and storage.storageClassName"): (
+        [{"size": "10Gi", "storageClassName": "fast"}, {"claimName": "shared", "size": "50Gi"}],
+        [{"claimName": "shared", "size": "10Gi"}, {"ephemeral": True, "storageClassName": "fast"}],
+    ),
+    ("FineTuneJobSpec", "earlyStoppingPatience needs evaluation data"): (
+        [
+            SPEC,
+            {
+                **SPEC,
+                "dataset": {"id": "org/data", "validation": {"fraction": 0.1}},
+                "training": {"earlyStoppingPatience": 2},
+            },
+        ],
+        [{**SPEC, "training": {"earlyStoppingPatience": 2}}],
+    ),
+}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def model_nodes() -> dict[type[BaseModel], dict[str, Any]]:
+    """Each model of the spec and its node in the generated CRD schema."""
+    out: dict[type[BaseModel], dict[str, Any]] = {}
+    todo: list[tuple[type[BaseModel], dict[str, Any]]] = [(api.FineTuneJobSpec, SCHEMA["properties"]["spec"])]
+    while todo:
+        model, node = todo.pop()
+        out[model] = node
+        for name, field in model.model_fields.items():
+            for child in _models_in(field.annotation):
+                sub = node["properties"][field.alias or name]
+                todo.append((child, sub["items"] if sub["type"] == "array" else sub))
+    return out
+
+
+def all_rules() -> list[tuple[type[BaseModel], api.Rule]]:
+    models = [m for m in vars(api).values() if isinstance(m, type) and issubclass(m, api._Model) and m.RULES]
+    return [(m, r) for m in models for r in m.RULES]
+
+
+def _samples(model: type[BaseModel], rule: api.Rule) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    keys = [k for k in RULE_SAMPLES if k[0] == model.__name__ and k[1] in rule.message]
+    assert len(keys) == 1, f"{model.__name__}: {rule.message!r} has {len(keys)} entries in RULE_SAMPLES"
+    return RULE_SAMPLES[keys[0]]
+
+
+def _python_errors(model: type[BaseModel], doc: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    try:
+        model.model_validate(copy.deepcopy(doc))
+    except ValidationError as e:
+        return [(tuple(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
+    return []
+
+
+def test_every_rule_has_samples_and_every_sample_a_rule() -> None:
+    rules = all_rules()
+    assert len(rules) == len(RULE_SAMPLES) >= 19
+    for model, rule in rules:
+        passing, failing = _samples(model, rule)
+        assert passing and failing, rule.message
+    messages = [r.message for _, r in rules]
+    assert len(set(messages)) == len(messages), "two rules say the same: a message must name its rule"
+
+
+@pytest.mark.parametrize(("model", "rule"), all_rules(), ids=lambda x: getattr(x, "__name__", None))
+def test_rule_cel_and_python_agree(model: type[BaseModel], rule: api.Rule) -> None:
+    """The CRD's rule is the declared one, and on every sample the API server's CEL and the models'
+    check give the same verdict and the same message (nothing else fails)."""
+    node = model_nodes()[model]
+    [entry] = [r for r in node.get("x-kubernetes-validations", []) if r["message"] == rule.message]
+    assert entry["rule"] == rule.cel
+    assert entry.get("fieldPath") == (f".{rule.field}" if rule.field else None)
+    program = CEL.program(CEL.compile(rule.cel), functions=K8S_FUNCTIONS)
+    passing, failing = _samples(model, rule)
+    for doc in passing:
+        assert bool(program.evaluate({"self": celpy.json_to_cel(doc)})), ("CEL refuses", doc)
+        assert cel_failures(node, doc) == [], doc
+        assert _python_errors(model, doc) == [], doc
+        assert rule.holds(model.model_validate(copy.deepcopy(doc)))
+    for doc in failing:
+        assert not bool(program.evaluate({"self": celpy.json_to_cel(doc)})), ("CEL takes", doc)
+        assert [msg for _, msg in cel_failures(node, doc)] == [rule.message], doc
+        loc = (rule.field,) if rule.field else ()
+        assert _python_errors(model, doc) == [(loc, rule.message)], doc

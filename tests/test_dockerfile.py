@@ -47,7 +47,7 @@ FAULTS = ROOT / "tests" / "e2e" / "images" / "faults"
 FALCON = ROOT / "jobs" / "falcon-7b-guanaco-qlora.yaml"
 
 TRAINER_ENTRYPOINT = ["python", "-m", "kubetune.launch"]
-OPERATOR_ENTRYPOINT = ["kubetune", "operator"]
+OPERATOR_ENTRYPOINT = ["kubetune-operator"]
 DIGEST = re.compile(r"^(?P<repo>[a-z0-9./_-]+):(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
 
 
@@ -275,7 +275,8 @@ def test_runs_as_numeric_non_root_user(dockerfile: dict[str, Stage], target: str
 
 
 def test_base_images_are_pinned_by_tag_and_digest(dockerfile: dict[str, Stage]) -> None:
-    external = {s.base for s in dockerfile.values() if s.base not in dockerfile}
+    # (scratch: the `lock` stage, files only, never the base of an image)
+    external = {s.base for s in dockerfile.values() if s.base not in dockerfile} - {"scratch"}
     assert len(external) == 1, external  # one Debian base for both images: one thing to keep patched
     [base] = external
     match = DIGEST.match(base)
@@ -324,44 +325,52 @@ def test_entrypoints(dockerfile: dict[str, Stage]) -> None:
 
     assert dockerfile["trainer"].last("ENTRYPOINT").json_args() == TRAINER_ENTRYPOINT
     assert dockerfile["operator"].last("ENTRYPOINT").json_args() == OPERATOR_ENTRYPOINT
-    assert "operator" in getattr(main, "commands", {})
+    assert "operator" in getattr(main, "commands", {})  # `kubetune operator`: the same, as an alias
+    scripts = tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"kubetune-operator": "kubetune_operator.cli:main"}
     # The Job sets the same command explicitly (an image built elsewhere behaves the same).
     job = render_job(FineTuneJob.model_validate(yaml.safe_load(FALCON.read_text())))
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == TRAINER_ENTRYPOINT
 
 
 def test_operator_image_has_no_torch(dockerfile: dict[str, Stage]) -> None:
+    """The operator image installs the lock's export for kubetune-operator alone (whose dependencies
+    cannot reach torch: tests/test_packaging.py), and checks that torch is absent after."""
     chain = ancestry(dockerfile, "operator")
     assert "trainer" not in chain
+    runs = [r.args for r in dockerfile["operator"].all("RUN")]
+    exports = [r for r in runs if "uv export" in r]
+    assert len(exports) == 1 and "--package kubetune-operator" in exports[0], runs
+    assert "--extra" not in exports[0] and "--no-dev" in exports[0]
     installs = [c for name in chain for c in install_commands(dockerfile[name])]
-    assert any("--extra operator" in c for c in installs), installs
     for command in installs:
         assert "torch" not in command and "trainer" not in command, command
-    # ... checked in the build too, after each install.
-    assert all('import torch" 2>/dev/null; then' in i.args for i in dockerfile["operator"].all("RUN")[:1])
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    heavy = {"torch", "transformers", "bitsandbytes", "accelerate", "peft", "trl", "datasets"}
-    names = {re.split(r"[\s<>=!~\[;]", req, maxsplit=1)[0].lower() for req in extras["operator"]}
-    assert not names & heavy, names & heavy
+    # ... checked in the build too, after the install.
+    assert 'import torch" 2>/dev/null; then' in exports[0]
 
 
 @pytest.mark.parametrize("target", ["trainer", "operator"])
 def test_a_source_change_does_not_reinstall_the_dependencies(
     dockerfile: dict[str, Stage], target: str
 ) -> None:
-    """Layer order: pyproject.toml alone, then every dependency of the extra (installed in the image's
-    own stage, so that nothing copies or hashes the 5 GB again), then the kubetune wheel without its
-    dependencies; the source only reaches the image through the wheel."""
+    """Layer order: the lock and the manifests alone (the `lock` stage holds nothing else), then every
+    dependency, hash-checked from uv.lock (installed in the image's own stage, so that nothing copies or
+    hashes the 5 GB again), then the wheels without their dependencies; the source only reaches the
+    image through the wheels."""
     body = dockerfile[target].body
     steps = [(i.keyword, i.args) for i in body if i.keyword in ("COPY", "RUN")]
     copies = [args for keyword, args in steps if keyword == "COPY"]
-    assert copies[0] == "pyproject.toml /opt/kubetune/pyproject.toml", copies
-    assert not any(re.search(r"(^|\s)src/", c) for c in copies), "the source goes in as the wheel"
-    deps = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and f"--extra {target}" in a)
+    assert copies[0] == "--from=lock / /opt/kubetune/lock/", copies
+    lock = [(i.keyword, i.args) for i in dockerfile["lock"].body if i.keyword == "COPY"]
+    assert lock == [("COPY", "pyproject.toml uv.lock /"), ("COPY", "operator/pyproject.toml /operator/")]
+    assert not any(re.search(r"(^|\s)(operator/)?src/", c) for c in copies), "the source goes in as a wheel"
+    deps = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and "uv export" in a and "--frozen" in a)
     wheel = next(n for n, (k, a) in enumerate(steps) if k == "COPY" and "--from=wheel" in a)
     install = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and "--no-deps" in a)
     assert steps.index(("COPY", copies[0])) < deps < wheel < install
-    assert "-r /opt/kubetune/pyproject.toml" in steps[deps][1]
+    assert "--require-hashes" in steps[deps][1] and "-r /opt/kubetune/requirements.txt" in steps[deps][1]
+    package = "--package kubetune-operator" if target == "operator" else "--package kubetune --extra trainer"
+    assert package in steps[deps][1]
     # Nothing big is copied between stages: uv is mounted where it runs, never copied.
     assert not any("--from=uv" in c for c in copies)
     assert all("--mount=type=bind,from=uv," in a for k, a in steps if k == "RUN" and "uv pip" in a)
@@ -382,18 +391,21 @@ def test_versions_are_pinned(dockerfile: dict[str, Stage]) -> None:
                 packages = [w for w in words[2:] if not w.startswith("-")]
                 assert packages and all("==" in p for p in packages), command
                 continue
-            # uv installs either an extra's dependencies, whose direct pins are pyproject.toml's and
-            # the rest the snapshot's, or the kubetune wheel alone.
+            # uv installs either the lock's export (every version and hash from uv.lock), or the
+            # workspace's wheels alone.
             assert Path(words[0]).name == "uv" and words[1:3] == ["pip", "install"], command
             if "--no-deps" in words:
                 assert re.search(r"/kubetune-\$\{VERSION\}-py3-none-any\.whl", command), command
             else:
-                assert "-r" in words and '"${PYPI_SNAPSHOT}"' in command, command
-                assert words[words.index("--exclude-newer") + 1] == "${PYPI_SNAPSHOT}", command
+                assert words[words.index("-r") + 1] == "/opt/kubetune/requirements.txt", command
+                assert "--require-hashes" in words, command
+    # The lock's own snapshot is the Dockerfile's (the build backend resolves against the same day).
+    lock = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]["exclude-newer"]
     known = global_args(DOCKERFILE.read_text())
     # Published builds use no cache: hack/node/images.sh turns the host's on explicitly.
     assert known["UV_NO_CACHE"] == "1"
     snapshot = known["PYPI_SNAPSHOT"]
+    assert snapshot == lock
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", snapshot)
     assert image_env(dockerfile, "uv")["UV_EXCLUDE_NEWER"] == snapshot
     assert image_env(dockerfile, "uv")["UV_NO_CACHE"] == "1"
@@ -569,42 +581,51 @@ def context_files(rules: list[tuple[bool, re.Pattern[str]]]) -> list[str]:
     return sorted(p for p in listed.split("\0") if p and (ROOT / p).is_file() and not ignored(p, rules))
 
 
-def test_build_context_builds_the_kubetune_wheel(
-    tmp_path: Path, rules: list[tuple[bool, re.Pattern[str]]]
-) -> None:
-    """What the builder stage does (`uv build --wheel`), on exactly the files the context holds."""
+def test_build_context_builds_both_wheels(tmp_path: Path, rules: list[tuple[bool, re.Pattern[str]]]) -> None:
+    """What the wheel stage does (`uv build --wheel --all-packages`), on exactly the files the context
+    holds: the kubetune wheel and the kubetune-operator wheel, each with only its own package."""
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed here (it comes with the trainer extra)")
     files = context_files(rules)
-    assert {"pyproject.toml", "README.md"} <= set(files)
-    assert all(f in {"pyproject.toml", "README.md"} or f.startswith(("src/", "jobs/")) for f in files), files
+    top = {"pyproject.toml", "uv.lock", "README.md", "operator/pyproject.toml", "operator/README.md"}
+    assert top <= set(files)
+    assert all(f in top or f.startswith(("src/", "operator/src/", "jobs/")) for f in files), files
     context = tmp_path / "context"
     for rel in files:
         (context / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, context / rel)
     wheels = tmp_path / "wheels"
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"),
-            *("--quiet", "--wheel-dir", str(wheels), str(context)),
-        ],
-        check=True,
-        timeout=300,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )
-    # The file name the Dockerfile installs: /wheels/kubetune-${VERSION}-py3-none-any.whl
-    wheel = wheels / f"kubetune-{kubetune.__version__}-py3-none-any.whl"
-    assert wheel.exists(), list(wheels.iterdir())
-    with zipfile.ZipFile(wheel) as archive:
+    for project in (context, context / "operator"):
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"),
+                *("--quiet", "--wheel-dir", str(wheels), str(project)),
+            ],
+            check=True,
+            timeout=300,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
+    version = kubetune.__version__
+    # The file names the Dockerfile installs: /wheels/kubetune{,_operator}-${VERSION}-py3-none-any.whl
+    core, operator = (wheels / f"{n}-{version}-py3-none-any.whl" for n in ("kubetune", "kubetune_operator"))
+    assert core.exists() and operator.exists(), list(wheels.iterdir())
+    with zipfile.ZipFile(core) as archive:
         names = set(archive.namelist())
-        metadata = archive.read(f"kubetune-{kubetune.__version__}.dist-info/METADATA").decode()
+        metadata = archive.read(f"kubetune-{version}.dist-info/METADATA").decode()
     assert {"kubetune/launch.py", "kubetune/trainer/__main__.py", "kubetune/cli.py"} <= names
     assert "kubetune/py.typed" in names
+    assert not any(n.startswith("kubetune_operator/") for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
-    operator = [r for r in requires if 'extra == "operator"' in r]
-    assert operator and not any("torch" in r for r in operator)
     assert any(r.startswith("Requires-Dist: torch==") and 'extra == "trainer"' in r for r in requires)
+    with zipfile.ZipFile(operator) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(f"kubetune_operator-{version}.dist-info/METADATA").decode()
+    assert {"kubetune_operator/cli.py", "kubetune_operator/py.typed"} <= names
+    assert all(n.startswith(("kubetune_operator/", "kubetune_operator-")) for n in names), names
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert f"Requires-Dist: kubetune=={version}" in requires
+    assert not any("torch" in r or "extra ==" in r for r in requires), requires
 
 
 # --------------------------------------------------------------------------------------------------

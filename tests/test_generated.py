@@ -1,4 +1,6 @@
-"""The CRD, the JSON schema and the README reference are generated from the models: never stale."""
+"""Generated files are never stale: the CRD (and the chart's copy), the JSON schema, the README reference
+and the Argo CD patch (kubetune.api.generate), and the RBAC rules and the chart's values schema
+(kubetune_operator.generate)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,26 @@ import yaml
 
 from kubetune.api import generate
 from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune_operator import generate as operator_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("path", list(generate.outputs(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
+def _all_outputs() -> dict[Path, str]:
+    return {**generate.outputs(ROOT), **operator_generate.outputs(ROOT)}
+
+
+@pytest.mark.parametrize("path", list(_all_outputs()), ids=lambda p: str(p.relative_to(ROOT)))
 def test_generated_file_is_current(path: Path) -> None:
-    expected = generate.outputs(ROOT)[path]
+    expected = _all_outputs()[path]
+    assert path.exists(), f"{path.relative_to(ROOT)} is missing: run `make generate`"
     assert path.read_text() == expected, f"{path.relative_to(ROOT)} is stale: run `make generate`"
+
+
+def test_no_stale_copy_of_the_crd_is_left() -> None:
+    """kustomize reads the CRD from manifests/crd (../crd); only the chart keeps a copy."""
+    copies = {p for p in ROOT.glob("**/kubetune.io_finetunejobs.yaml") if ".git" not in p.parts}
+    assert {p.relative_to(ROOT) for p in copies} == {generate.CRD_PATH, *generate.CRD_COPIES}
 
 
 def _walk(node: object, path: str = ""):  # type: ignore[no-untyped-def]

@@ -29,8 +29,8 @@ import kubetune
 from kubetune.api.generate import crd
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import progress_line
-from kubetune.controller.plan import Observed, SecretCheck, plan
 from kubetune.render import render_claim, render_job, spec_hash
+from kubetune_operator.plan import Observed, SecretCheck, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 GITOPS = ROOT / "gitops"

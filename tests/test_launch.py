@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.contract import ENV_COMPLETION_INDEX, RENDEZVOUS_PORT, SPEC_PATH
 from kubetune.launch import accelerate_argv
+from kubetune.render import render_job
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
@@ -46,3 +49,29 @@ def test_multi_node_rank_comes_from_the_indexed_job() -> None:
     assert f["--num_processes"] == "32" and f["--num_machines"] == "4"
     assert f["--machine_rank"] == "3" and f["--main_process_ip"] == "run-0.run"
     assert f["--output"] == "/o"
+
+
+def test_the_launcher_reads_what_the_renderer_writes() -> None:
+    """The rendered Job's environment, plus the index Kubernetes adds, gives the command for that pod
+    (both sides spell the names through kubetune.contract)."""
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "tune", "namespace": "team-a"},
+            "spec": {
+                "model": {"id": "org/base"},
+                "dataset": {"id": "org/data"},
+                "resources": {"gpusPerNode": 4, "nodes": 2},
+            },
+        }
+    )
+    rendered = render_job(job)
+    container = rendered["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    f = flags(accelerate_argv({**env, ENV_COMPLETION_INDEX: "1"}))
+    name = rendered["metadata"]["name"]
+    assert f["--spec"] == SPEC_PATH and f["--num_processes"] == "8" and f["--num_machines"] == "2"
+    assert f["--machine_rank"] == "1" and f["--main_process_ip"] == f"{name}-0.{name}"
+    assert f["--main_process_port"] == str(RENDEZVOUS_PORT)
+    assert container["command"] == ["python", "-m", "kubetune.launch"]

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ def test_progress_lines_round_trip_through_the_operator_parser(
     progress = ProgressFile(tmp_path / "progress.json", run="my-tune-0123abcd", line=True)
     progress.update("Loading")
     progress.update("Training", step=0, total_steps=40)
-    progress.update(step=10, loss=1.25, eta_seconds=30.0, epoch=0.25)  # a step update: same state
+    progress.update(step=10, loss=1.25, eta_seconds=30.0, tokens_per_second=2048.5, epoch=0.25)
     progress.update("Training", step=20, loss=math.nan, eval_loss=math.inf)  # a diverged loss: null
     progress.update("Failed", eta_seconds=None, message=f"boom\nwith {FAKE_TOKEN} inside")
     out = capsys.readouterr().out
@@ -70,6 +71,7 @@ def test_progress_lines_round_trip_through_the_operator_parser(
         "Failed",
     ]
     assert reports[2] is not None and reports[2]["step"] == 10 and reports[2]["loss"] == 1.25
+    assert reports[2]["tokens_per_second"] == 2048.5
     assert reports[2]["run"] == "my-tune-0123abcd" and str(reports[2].get("updated_at")).endswith("Z")
     assert reports[3] is not None and "loss" not in reports[3] and "eval_loss" not in reports[3]
     # The newest line wins, also behind a runtime's timestamp prefix and among other log lines.
@@ -80,6 +82,112 @@ def test_progress_lines_round_trip_through_the_operator_parser(
     # progress.json holds the same report (nulls included).
     on_disk = json.loads((tmp_path / "progress.json").read_text())
     assert {k: v for k, v in on_disk.items() if v is not None} == last
+
+
+def test_progress_parser_keeps_only_well_typed_fields() -> None:
+    """A log line is untrusted input: a field of the wrong type, negative or non-finite is left out."""
+    line = PROGRESS_PREFIX + json.dumps(
+        {
+            "state": "Training",
+            "step": True,
+            "total_steps": -1,
+            "loss": "1.0",
+            "eta_seconds": -5,
+            "tokens_per_second": 1e400,  # json.dumps writes Infinity
+            "epoch": 0.5,
+            "run": 7,
+        }
+    )
+    assert parse_progress(line) == {"state": "Training", "epoch": 0.5}
+    line = PROGRESS_PREFIX + json.dumps({"state": "Training", "tokens_per_second": 12, "eta_seconds": 0})
+    report = parse_progress(line)
+    assert report == {"state": "Training", "tokens_per_second": 12.0, "eta_seconds": 0.0}
+    assert report is not None and isinstance(report["tokens_per_second"], float)
+    assert parse_progress(PROGRESS_PREFIX + json.dumps({"state": "Dancing"})) is None
+
+
+def test_tokens_per_second_is_measured_over_training_steps_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tokens the Trainer counted (num_input_tokens_seen) over the time inside training steps since the
+    previous training log: an evaluation or a checkpoint between two logs does not count as training."""
+    pytest.importorskip("transformers")
+    from kubetune.trainer import callbacks
+
+    clock = [1000.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    state = SimpleNamespace(global_step=0, max_steps=10, epoch=0.0, num_input_tokens_seen=500)
+    cb = callbacks.ProgressCallback(ProgressFile(tmp_path / "p.json", line=True), is_main=True, tty=False)
+
+    def step(tokens: int, seconds: float) -> None:
+        cb.on_step_begin(None, state, None)
+        clock[0] += seconds
+        state.num_input_tokens_seen += tokens
+        state.global_step += 1
+        cb.on_step_end(None, state, None)
+
+    def reported() -> float | None:
+        report = parse_progress(capsys.readouterr().out)
+        assert report is not None and report["step"] == state.global_step
+        return report.get("tokens_per_second")
+
+    cb.on_train_begin(None, state, None)  # resumed: 500 tokens were trained before this session
+    capsys.readouterr()
+    step(1000, 0.25)
+    clock[0] += 30  # a checkpoint, data loading, anything outside a step
+    step(1000, 0.75)
+    cb.on_log(None, state, None, logs={"loss": 1.5})
+    assert reported() == 2000.0 == cb.tokens_per_second
+    clock[0] += 60  # an evaluation: its log keeps the last figure and starts no new window
+    cb.on_log(None, state, None, logs={"eval_loss": 1.4})
+    assert reported() == 2000.0
+    step(300, 0.1)
+    cb.on_log(None, state, None, logs={"loss": 1.2})
+    assert reported() == 3000.0
+    cb.on_log(None, state, None, logs={"loss": 1.1})  # no step since: the last figure stays
+    assert reported() == 3000.0
+    assert json.loads((tmp_path / "p.json").read_text())["tokens_per_second"] == 3000.0
+
+    # A Trainer that counts no tokens reports no figure (rather than 0 tokens/s).
+    state = SimpleNamespace(global_step=0, max_steps=10, epoch=0.0)
+    cb = callbacks.ProgressCallback(ProgressFile(tmp_path / "q.json", line=True), is_main=True, tty=False)
+    cb.on_train_begin(None, state, None)
+    capsys.readouterr()
+    step_begin = clock[0]
+    cb.on_step_begin(None, state, None)
+    clock[0] = step_begin + 1
+    state.global_step = 1
+    cb.on_step_end(None, state, None)
+    cb.on_log(None, state, None, logs={"loss": 2.0})
+    assert reported() is None
+
+
+@pytest.mark.trainer
+def test_a_real_run_reports_tokens_per_second(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny model on the CPU: every training report after the first log carries a throughput."""
+    pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    import tiny
+    from kubetune.trainer import run
+
+    model = tiny.save_tiny_model(tmp_path / "model", "llama")
+    spec = tiny.write_job(
+        tmp_path / "job",
+        model,
+        tiny.alpaca_rows(32),
+        dataset={"validation": None},
+        method={"type": "lora", "lora": {"r": 4, "alpha": 8}, "quantization": None},
+        training={"maxSteps": 3, "saveSteps": 3, "loggingSteps": 1, "perDeviceBatchSize": 4},
+        samples=None,
+    )
+    capsys.readouterr()
+    metrics = run(spec)
+    reports = [parse_progress(line) for line in capsys.readouterr().out.splitlines()]
+    training = [r for r in reports if r is not None and r["state"] == "Training" and r.get("loss")]
+    assert [r["step"] for r in training] == [1, 2, 3]
+    assert all((r.get("tokens_per_second") or 0) > 0 for r in training), training
+    # The figure counts real tokens: the run's own total agrees that tokens were counted.
+    assert metrics["train_tokens"] > 0 and metrics["train_tokens_per_second"] > 0
 
 
 def test_progress_line_only_on_the_main_process_and_not_on_a_terminal(

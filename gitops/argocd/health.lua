@@ -1,6 +1,6 @@
 -- Argo CD health check for kubetune.io/FineTuneJob.
--- Installed as argocd-cm key resource.customizations.health.kubetune.io_FineTuneJob (argocd-cm-patch.yaml
--- holds a copy of this file; tests/test_gitops.py checks that they are identical).
+-- Installed as argocd-cm key resource.customizations.health.kubetune.io_FineTuneJob: `make generate`
+-- writes argocd-cm-patch.yaml around this file, verbatim (tests/test_generated.py fails when it is stale).
 --
 -- Argo CD runs it in gopher-lua (Lua 5.1) with only the base, table and a safe os library loaded: no
 -- string or math functions and no string methods, so this script uses `..`, tostring and table.concat.

@@ -8,6 +8,11 @@
 #   controlplane.sh bin-dir      print the directory the binaries are (or will be) in
 #   controlplane.sh start DIR    start a control plane whose state, logs, pids and kubeconfig live in DIR
 #   controlplane.sh stop DIR     stop everything that `start DIR` started (safe when half-started)
+#   controlplane.sh restart DIR NAME
+#                                stop one component (kube-apiserver, etcd, kwok, ...) and start it again
+#                                with the same flags, port and certificates, waiting until it serves
+#   controlplane.sh restart-apiserver DIR
+#                                `restart DIR kube-apiserver` (the e2e fault tests)
 #
 # Environment:
 #   KUBETUNE_CONTROLPLANE_CACHE  cache root (default: ~/.cache/kubetune/controlplane)
@@ -211,9 +216,11 @@ EOF
 # Each runs in a session of its own (setsid), out of the caller's process group: a signal to the test
 # runner's group (`timeout`, Ctrl-C) must not kill etcd under a still-running API server, which then
 # hangs in its shutdown; `stop` (or the watcher) takes them down in order instead.
+# The command line is kept in DIR/components/NAME.cmd (NUL-separated) for `restart`.
 launch() {
   local name="$1" bin="$2"
   shift 2
+  printf '%s\0' "${bin}" "$@" >"${DIR}/components/${name}.cmd"
   ${SETSID} "${bin}" "$@" </dev/null >"${DIR}/logs/${name}.log" 2>&1 &
   printf '%s %s\n' "${name}" "$!" >>"${DIR}/pids"
 }
@@ -312,7 +319,26 @@ cmd_start() {
   # fake nodes NotReady and evict their pods whenever kwok's heartbeat runs late on a busy machine).
   # --kubelet-preferred-address-types: the real node (hack/node/) registers as "localhost", which
   # resolves to the loopback its kubelet listens on; its InternalIP is eth0's, where nothing listens.
+  # Audit: every write (who, with which user agent, when), so that a test can prove which client
+  # wrote after some moment (tests/e2e/test_operator_runtime.py: a paused leader must not). Metadata
+  # only, no bodies; the node heartbeats (kube-node-lease) are left out.
+  rm -f "${DIR}"/audit*.log
+  cat >"${DIR}/components/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    namespaces: [kube-node-lease]
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+POLICY
   launch kube-apiserver "${BIN}/kube-apiserver" \
+    --audit-policy-file="${DIR}/components/audit-policy.yaml" \
+    --audit-log-path="${DIR}/audit.log" \
+    --audit-log-maxsize=200 \
+    --audit-log-maxbackup=2 \
     --etcd-servers="http://127.0.0.1:${etcd_port}" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
@@ -454,6 +480,54 @@ cmd_stop() {
   log "stopped ${n} process(es) in ${dir}"
 }
 
+# -------------------------------------------------------------------------------------------- restart
+
+# restart DIR NAME: SIGTERM one component (SIGKILL after 10 s), start it again from the command line
+# `launch` kept (same flags, port, certificates, data), append to its log, and put the new pid in the
+# old one's place in DIR/pids, so `stop` still goes in reverse start order. Waits for kube-apiserver's
+# /readyz (or etcd's /health); other components are only started.
+cmd_restart() {
+  DIR="$(cd "$1" && pwd)"
+  local name="$2" cmdfile="${DIR}/components/$2.cmd"
+  [[ -s "${cmdfile}" ]] || die "no command line for ${name} in ${DIR}/components (was it started by 'start'?)"
+  local old="" n p
+  while read -r n p; do
+    [[ "${n}" == "${name}" ]] && old="${p}"
+  done <"${DIR}/pids"
+  [[ -n "${old}" ]] || die "${name} is not in ${DIR}/pids"
+  local exe
+  exe="$(head -z -n1 "${cmdfile}" | tr -d '\0')"
+  [[ "${exe}" == env ]] && exe="kwok" # kwok runs under env(1), which execs it
+  local pid deadline
+  if pid="$(live_pid "${old}" "$(basename "${exe}")")"; then
+    kill -TERM "${pid}" 2>/dev/null || true
+    deadline=$((SECONDS + 10))
+    while live_pid "${pid}" "$(basename "${exe}")" >/dev/null && ((SECONDS < deadline)); do
+      sleep 0.05
+    done
+    if live_pid "${pid}" "$(basename "${exe}")" >/dev/null; then
+      log "${name} (pid ${pid}) ignored SIGTERM for 10 s; killing it"
+      kill -KILL "${pid}" 2>/dev/null || true
+    fi
+  fi
+  local args=()
+  mapfile -d '' -t args <"${cmdfile}"
+  printf '\n--- restarted at %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"${DIR}/logs/${name}.log"
+  ${SETSID} "${args[@]}" </dev/null >>"${DIR}/logs/${name}.log" 2>&1 &
+  local new=$!
+  awk -v n="${name}" -v p="${new}" '$1 == n { $2 = p } { print }' "${DIR}/pids" >"${DIR}/pids.tmp"
+  mv -f "${DIR}/pids.tmp" "${DIR}/pids"
+  START_TIMEOUT="${CONTROLPLANE_START_TIMEOUT:-120}"
+  DEADLINE=$((SECONDS + START_TIMEOUT))
+  case "${name}" in
+    kube-apiserver) wait_for "kube-apiserver /readyz" kubectl_admin get --raw /readyz ;;
+    etcd) wait_for "etcd /health" curl -fs --noproxy "*" "$(sed -n 's/^etcd=//p' "${DIR}/env")/health" ;;
+  esac
+  log "${name} restarted (pid ${old} -> ${new})"
+}
+
+# ---------------------------------------------------------------------------------------------- watch
+
 # ---------------------------------------------------------------------------------------------- watch
 
 # watch DIR PID: stop the control plane in DIR once process PID is gone. `start` runs it in the
@@ -489,6 +563,14 @@ main() {
     stop)
       [[ $# -eq 1 ]] || die "usage: $0 stop DIR"
       cmd_stop "$1"
+      ;;
+    restart)
+      [[ $# -eq 2 ]] || die "usage: $0 restart DIR NAME"
+      cmd_restart "$1" "$2"
+      ;;
+    restart-apiserver)
+      [[ $# -eq 1 ]] || die "usage: $0 restart-apiserver DIR"
+      cmd_restart "$1" kube-apiserver
       ;;
     -h | --help | help) usage ;;
     *)

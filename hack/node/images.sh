@@ -11,8 +11,8 @@
 #   images.sh podman ARGS    run podman on the private image store (e.g. `images.sh podman images`)
 #
 # Every image is named localhost/kubetune-<name>:<key>, where the key is a hash of what goes into it
-# (the base recipe, the Dockerfile, pyproject.toml, README.md, src/, jobs/, the test image folder), so
-# a change to any of them builds a new image and an unchanged tree builds nothing.
+# (the base recipe, the Dockerfile, pyproject.toml, uv.lock, README.md, src/, operator/, jobs/, the test
+# image folder), so a change to any of them builds a new image and an unchanged tree builds nothing.
 #
 # Environment:
 #   KUBETUNE_NODE_CACHE   cache root (default: ~/.cache/kubetune/node): podman's image store lives in
@@ -67,7 +67,7 @@ compute_names() {
   base="$(printf '%s\n' "mmdebstrap --variant=minbase --include=${BASE_INCLUDE} ${BASE_SUITE}" "${BASE_CHANGES[@]}" |
     sha256sum | cut -c1-12)"
   pause="$(key "${base}" tests/e2e/images/pause)"
-  app="$(key "${base}" Dockerfile .dockerignore pyproject.toml README.md src jobs)"
+  app="$(key "${base}" Dockerfile .dockerignore pyproject.toml uv.lock README.md src operator/pyproject.toml operator/README.md operator/src jobs)"
   faults="$(key "${app}" tests/e2e/images/faults)"
   declare -gA NAME=(
     [base]="localhost/kubetune-base:${BASE_SUITE}-${base}"

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import click
 
@@ -233,54 +232,18 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     sys.exit(code)
 
 
-@main.command()
-@click.option(
-    "--kubeconfig",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Kubeconfig (default: in-cluster, then ~/.kube/config).",
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
 )
-@click.option("-n", "--namespace", default=None, help="Watch one namespace (default: all).")
-@click.option("--workers", type=int, default=4, show_default=True, help="Objects reconciled in parallel.")
-@click.option("--image", default=None, help="Trainer image for specs that name none.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--health-addr", default=None, help="Serve /healthz and /readyz here, e.g. 0.0.0.0:8080.")
-@click.option("--metrics-addr", default=None, help="Serve Prometheus /metrics here, e.g. 0.0.0.0:8081.")
-@click.option("--leader-elect", is_flag=True, help="Act only while holding the kubetune-operator Lease.")
-@click.option(
-    "--leader-election-namespace",
-    default=None,
-    envvar="POD_NAMESPACE",
-    help="Namespace of the Lease (default: $POD_NAMESPACE).",
-)
-@click.option(
-    "--image-pull-grace",
-    type=click.FloatRange(min=0),
-    default=300.0,
-    show_default=True,
-    help="Seconds a trainer image may fail to pull before the run fails (ImagePullFailed).",
-)
-@click.option(
-    "--secret-precheck/--no-secret-precheck",
-    default=True,
-    show_default=True,
-    help="Check that the Hub token Secret exists (metadata only) before creating a run.",
-)
-@click.option(
-    "--policy-configmap",
-    default=None,
-    metavar="NAMESPACE/NAME",
-    help="The limits on FineTuneJobs (kubetune.policy): checked before each run is created.",
-)
-def operator(**options: Any) -> None:
-    """Run the operator: reconcile FineTuneJobs into trainer Jobs and mirror their state."""
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def operator(args: tuple[str, ...]) -> None:
+    """Run the operator (the kubetune-operator package; `kubetune operator --help` for its flags)."""
     try:
-        from kubetune.controller.operator import main as run_operator
+        from kubetune_operator.cli import main as run_operator
     except ImportError:
-        raise click.ClickException(
-            "the operator is not installed: pip install 'kubetune[operator]'"
-        ) from None
-    sys.exit(run_operator(**options))
+        raise click.ClickException("the operator is not installed: pip install kubetune-operator") from None
+    run_operator.main(args=list(args), prog_name="kubetune operator")
 
 
 if __name__ == "__main__":

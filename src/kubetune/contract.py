@@ -20,7 +20,10 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_RUN = "kubetune.io/run"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
-MANAGED_BY = "app.kubernetes.io/managed-by=kubetune"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "kubetune"
+# The label selector of everything kubetune creates (the operator watches only these Jobs and Pods).
+MANAGED_BY = f"{LABEL_MANAGED_BY}={MANAGED_BY_VALUE}"
 
 # --------------------------------------------------------------------------------------------------
 # Environment of the trainer container (set by the Job; `kubetune run --local` sets the same)
@@ -37,6 +40,9 @@ ENV_MASTER_PORT = "KUBETUNE_MASTER_PORT"
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its termination message
 ENV_GIT_COMMIT = "KUBETUNE_GIT_COMMIT"
 ENV_HF_TOKEN = "HF_TOKEN"
+# Set by Kubernetes in every pod of an Indexed Job (also as the annotation): the pod's machine rank.
+ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
+ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 # --------------------------------------------------------------------------------------------------
 # Mount paths and ports
@@ -44,6 +50,10 @@ ENV_HF_TOKEN = "HF_TOKEN"
 
 SPEC_MOUNT = "/etc/kubetune"
 SPEC_FILE = "job.yaml"
+SPEC_PATH = f"{SPEC_MOUNT}/{SPEC_FILE}"  # the value of $KUBETUNE_SPEC in a trainer Pod
+# The defaults of storage.mountPath and output.path (the trainer image's WORKDIR is the same folder).
+WORKSPACE_MOUNT = "/workspace"
+DEFAULT_OUTPUT_PATH = f"{WORKSPACE_MOUNT}/output"
 TERMINATION_LOG = "/dev/termination-log"  # the Kubernetes default terminationMessagePath
 SHM_MOUNT = "/dev/shm"  # the memory-backed emptyDir data loaders and NCCL use
 # Paths the trainer container gets from kubetune itself: no user path (storage.mountPath, output.path)
@@ -154,6 +164,7 @@ class ProgressReport(TypedDict, total=False):
     loss: float | None
     eval_loss: float | None
     eta_seconds: float | None
+    tokens_per_second: float | None  # non-padding tokens trained per second, all processes together
     epoch: float | None
     updated_at: str | None  # RFC 3339, UTC
     message: str | None  # on failure
@@ -194,9 +205,11 @@ def _clean(data: dict[str, Any]) -> ProgressReport:
         v = data.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             out[key] = v
-    for key in ("loss", "eval_loss", "eta_seconds", "epoch"):
+    for key in ("loss", "eval_loss", "eta_seconds", "tokens_per_second", "epoch"):
         v = data.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            if key in ("eta_seconds", "tokens_per_second") and v < 0:
+                continue
             out[key] = float(v)
     for key in ("updated_at", "message", "run"):
         v = data.get(key)

@@ -1,8 +1,9 @@
 """The trainer container's entrypoint: `accelerate launch` of kubetune.trainer on the mounted spec
 (or the trainer itself, when the run is a single process).
 
-The Job sets the KUBETUNE_* variables (see kubetune.render) and, being Indexed, JOB_COMPLETION_INDEX,
-which is this pod's machine rank. `kubetune run --local` builds its command with the same function.
+The Job sets the variables of kubetune.contract (see kubetune.render) and, being Indexed,
+JOB_COMPLETION_INDEX, which is this pod's machine rank. `kubetune run --local` builds its command with
+the same function.
 """
 
 from __future__ import annotations
@@ -11,13 +12,25 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from kubetune.contract import (
+    ENV_COMPLETION_INDEX,
+    ENV_DISTRIBUTED,
+    ENV_GPUS_PER_NODE,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NUM_NODES,
+    ENV_SPEC,
+    RENDEZVOUS_PORT,
+    SPEC_PATH,
+)
+
 
 def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> list[str]:
     """The `accelerate launch …` command for this pod (pure: everything comes from `env`)."""
-    spec = env.get("KUBETUNE_SPEC", "/etc/kubetune/job.yaml")
-    nodes = int(env.get("KUBETUNE_NUM_NODES", "1"))
-    gpus = int(env.get("KUBETUNE_GPUS_PER_NODE", "1"))
-    strategy = env.get("KUBETUNE_DISTRIBUTED", "ddp")
+    spec = env.get(ENV_SPEC, SPEC_PATH)
+    nodes = int(env.get(ENV_NUM_NODES, "1"))
+    gpus = int(env.get(ENV_GPUS_PER_NODE, "1"))
+    strategy = env.get(ENV_DISTRIBUTED, "ddp")
     processes = max(gpus, 1) * nodes
     trainer = ["-m", "kubetune.trainer", "--spec", spec, *extra_args]
     if processes == 1:
@@ -58,11 +71,11 @@ def accelerate_argv(env: Mapping[str, str], extra_args: Sequence[str] = ()) -> l
     if nodes > 1:
         argv += [
             "--machine_rank",
-            env.get("JOB_COMPLETION_INDEX", "0"),
+            env.get(ENV_COMPLETION_INDEX, "0"),
             "--main_process_ip",
-            env["KUBETUNE_MASTER_ADDR"],
+            env[ENV_MASTER_ADDR],
             "--main_process_port",
-            env.get("KUBETUNE_MASTER_PORT", "29500"),
+            env.get(ENV_MASTER_PORT, str(RENDEZVOUS_PORT)),
             "--same_network",
         ]
     return [*argv, *trainer]

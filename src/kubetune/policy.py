@@ -44,7 +44,7 @@ LIST_KEYS = (IMAGES, PRIORITY_CLASSES, TOLERATION_KEYS, NODE_SELECTOR_KEYS)
 # A whole number that CEL's int() cannot overflow on.
 WHOLE_NUMBER = "^[0-9]{1,9}$"
 
-# Condition reasons of the operator's check (kubetune.controller.plan).
+# Condition reasons of the operator's check (kubetune_operator.plan).
 VIOLATION = "PolicyViolation"  # Failed: the spec asks for more than the limits allow
 UNAVAILABLE = "PolicyUnavailable"  # Pending: the limits cannot be read, so no run starts
 

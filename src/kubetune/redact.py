@@ -128,9 +128,10 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """``text`` with every token, known secret value, credential header and base64-wrapped token masked.
 
     Redact first, then shorten: a token cut in half may no longer look like one."""
-    if not isinstance(text, str):
-        text = str(text)
-    secrets = _known(env)
+    return _redact(text if isinstance(text, str) else str(text), _known(env))
+
+
+def _redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
     text = TOKEN_RE.sub(lambda m: m.group(1) + MASK, text)  # hf_***, api_org_***
@@ -142,12 +143,16 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
 
 def redact_data(data: Any, env: Mapping[str, str] | None = None) -> Any:
     """``data`` (JSON-like: dicts, lists, strings) with every string, key included, redacted."""
+    return _redact_data(data, _known(env))  # the known secrets looked up once, not per string
+
+
+def _redact_data(data: Any, secrets: list[str]) -> Any:
     if isinstance(data, str):
-        return redact(data, env)
+        return _redact(data, secrets)
     if isinstance(data, dict):
-        return {redact_data(k, env): redact_data(v, env) for k, v in data.items()}
+        return {_redact_data(k, secrets): _redact_data(v, secrets) for k, v in data.items()}
     if isinstance(data, list | tuple):
-        return type(data)(redact_data(v, env) for v in data)
+        return type(data)(_redact_data(v, secrets) for v in data)
     return data
 
 

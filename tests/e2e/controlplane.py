@@ -220,6 +220,38 @@ class ControlPlane:
         ns = [f"--namespace={namespace}"] if namespace else []
         self.kubectl("apply", *ns, "-f", "-", input=json.dumps(doc), check=True)
 
+    @property
+    def port(self) -> int:
+        """The API server's port on 127.0.0.1."""
+        return int(self.server.rsplit(":", 1)[1])
+
+    def restart(self, component: str, timeout: float = START_TIMEOUT_S) -> None:
+        """Stop one component (SIGTERM, SIGKILL after 10 s) and start it again with the same flags,
+        port and certificates; for kube-apiserver and etcd, return once it serves again."""
+        proc = _run_script("restart", str(self.dir), component, timeout=timeout)
+        if proc.returncode != 0:
+            raise ControlPlaneError(
+                f"`controlplane.sh restart {component}` failed (exit {proc.returncode}):\n"
+                f"{_tail(proc.stdout + proc.stderr)}"
+            )
+
+    def restart_apiserver(self, timeout: float = START_TIMEOUT_S) -> None:
+        self.restart("kube-apiserver", timeout)
+
+    def kubeconfig_via(self, server: str, path: Path, *, source: Path | None = None) -> Path:
+        """A copy of the admin kubeconfig (or `source`) whose server is `server`, e.g. a relay on
+        127.0.0.1 in front of the API server: the serving certificate covers 127.0.0.1."""
+        doc = json.loads(
+            self.kubectl(
+                "config", "view", "--raw", "-o", "json", kubeconfig=source or self.kubeconfig, check=True
+            ).stdout
+        )
+        for cluster in doc["clusters"]:
+            cluster["cluster"]["server"] = server
+        path.write_text(json.dumps(doc))
+        path.chmod(0o600)
+        return path
+
     def kubeconfig_for_token(self, token: str, path: Path) -> Path:
         """Write a kubeconfig that authenticates with a bearer token only (no client certificate)."""
         path.write_text(

@@ -29,9 +29,9 @@ from controlplane import ControlPlane, poll
 from test_operator import Cluster, manifest, spec  # one FineTuneJob spec shape for the e2e tests
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.controller.kube import Kube, load_client
-from kubetune.controller.operator import Operator
 from kubetune.policy import REFERENCES, PolicyError, check, load
+from kubetune_operator.kube import Kube, load_client
+from kubetune_operator.operator import Operator
 
 pytestmark = pytest.mark.e2e
 

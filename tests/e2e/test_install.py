@@ -34,8 +34,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from test_operator import spec  # one FineTuneJob spec shape for the e2e tests
 
-from kubetune.controller.kube import Kube, load_client
-from kubetune.controller.operator import MANAGED, Operator
+from kubetune.contract import MANAGED_BY as MANAGED
+from kubetune_operator.kube import Kube, load_client
+from kubetune_operator.operator import Operator
 
 pytestmark = pytest.mark.e2e
 
@@ -499,6 +500,7 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("watch", "pods", "--all-namespaces"),
         ("create", "configmaps", w),
         ("create", "persistentvolumeclaims", w),
+        ("watch", "persistentvolumeclaims", "--all-namespaces"),  # the informer's
         ("get", "pods", "--subresource=log", w),
         ("get", "secrets", w),
         ("create", "events", w),
@@ -511,7 +513,6 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("list", "secrets", w),
         ("watch", "secrets", w),
         ("update", "secrets", w),
-        ("list", "persistentvolumeclaims", w),
         ("update", "persistentvolumeclaims", w),
         ("create", "pods", "--subresource=exec", w),
         ("create", "pods", w),
@@ -520,6 +521,7 @@ def test_chart_grants_nothing_more(control_plane: ControlPlane, release: Release
         ("get", "jobs.batch", w),
         ("update", "jobs.batch", w),
         ("get", "configmaps", w),
+        ("get", "finetunejobs.kubetune.io", w),  # the operator reads its cache, never one object
         ("create", "finetunejobs.kubetune.io", w),
         ("patch", "finetunejobs.kubetune.io", w),
         ("delete", "finetunejobs.kubetune.io", w),
@@ -605,14 +607,14 @@ def http_get(url: str) -> tuple[int, str]:
 def test_the_charts_operator_command_runs_with_its_credentials(
     control_plane: ControlPlane, helm: Helm, release: Release, tmp_path: Path
 ) -> None:
-    """`kubetune operator` with the installed Deployment's exact arguments (leader election and metrics
+    """`kubetune-operator` with the installed Deployment's exact arguments (leader election and metrics
     on), the chart's ServiceAccount token and POD_NAMESPACE as the Downward API sets it: it wins the
     Lease, turns ready and serves metrics, and nothing it does is refused."""
     cp, ns = control_plane, release.namespace
     manifest = helm("get", "manifest", release.name, f"--namespace={ns}").stdout
     [deployment] = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment"]
     [c] = deployment["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["kubetune"] and c["args"][0] == "operator"
+    assert c["command"] == ["kubetune-operator"]
     health, metrics = free_port(), free_port()
     args = [
         a.replace("0.0.0.0:8080", f"127.0.0.1:{health}").replace("0.0.0.0:8081", f"127.0.0.1:{metrics}")
@@ -623,7 +625,7 @@ def test_the_charts_operator_command_runs_with_its_credentials(
     cp.kubectl("delete", "lease", LEASE, f"--namespace={ns}", "--ignore-not-found", check=True)
     log_path = tmp_path / "operator.log"
     # Watch one namespace only (the Deployment watches all): other tests' FineTuneJobs are theirs.
-    cmd = [sys.executable, "-m", "kubetune.cli", *args, f"--kubeconfig={release.kubeconfig}"]
+    cmd = [sys.executable, "-m", "kubetune_operator", *args, f"--kubeconfig={release.kubeconfig}"]
     cmd.append(f"--namespace={release.watched}")
     env = {
         **os.environ,

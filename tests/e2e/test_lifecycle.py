@@ -26,8 +26,8 @@ from controlplane import poll
 from kueue_standin import FIELD_MANAGER, KueueStandIn, suspend_owner
 
 from kubetune.contract import LABEL_JOB, LABEL_QUEUE, LABEL_RUN, parse_progress
-from kubetune.controller.kube import Kube, load_client
-from kubetune.controller.operator import Operator
+from kubetune_operator.kube import Kube, load_client
+from kubetune_operator.operator import Operator
 
 pytestmark = pytest.mark.e2e
 

@@ -63,46 +63,31 @@ app.kubernetes.io/part-of: kubetune
 {{- end }}
 
 {{/*
-Every API call the operator makes (src/kubetune/controller/kube.py), and nothing more. Shared by the
-ClusterRole and, with watchNamespace, the namespaced Role. tests/test_chart.py pins this exact set, and
-manifests/base/rbac.yaml must grant the same (with secretPreCheck on).
-- pods/log get: the progress lines at the end of rank 0's trainer log (trainer pods have no API access);
-- persistentvolumeclaims: the per-FineTuneJob workspace claim (get, create; patch for its owner
-  reference, which follows storage.reclaimPolicy; delete when the API server refuses the run);
-- secrets get (secretPreCheck.enabled): whether the Hub token Secret exists before a run is created. The
-  operator asks for metadata only (PartialObjectMetadata), but RBAC cannot tell the two apart: the grant
-  would let it read Secret data too. Turn it off and a missing Secret is reported by the trainer instead.
+The operator's RBAC rules by role (operator, secretPreCheck, leaderElection, policyReader), as a dict of
+rule lists. files/rbac-rules.yaml is generated from operator/src/kubetune_operator/rbac.py, which
+tests/test_chart.py checks against every API call the operator makes; `tpl` fills in the policy
+ConfigMap's name.
+*/}}
+{{- define "kubetune.rbacRules" -}}
+{{- $rules := tpl (.Files.Get "files/rbac-rules.yaml") . | fromYaml }}
+{{- if hasKey $rules "Error" }}
+{{- fail (printf "files/rbac-rules.yaml: %s" $rules.Error) }}
+{{- end }}
+{{- toYaml $rules }}
+{{- end }}
+
+{{/*
+Every API call the operator makes where it reconciles, and nothing more: the ClusterRole's rules or, with
+watchNamespace, the namespaced Role's. The Secret pre-check's `get` on secrets only with
+secretPreCheck.enabled (see files/rbac-rules.yaml for why each rule is there).
 */}}
 {{- define "kubetune.operatorRules" -}}
-- apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/status"]
-  verbs: ["patch"]
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
-- apiGroups: [""]
-  resources: ["configmaps", "services"]
-  verbs: ["create", "delete"]
-- apiGroups: [""]
-  resources: ["persistentvolumeclaims"]
-  verbs: ["get", "create", "patch", "delete"]
+{{- $rules := include "kubetune.rbacRules" . | fromYaml }}
+{{- $out := $rules.operator }}
 {{- if .Values.secretPreCheck.enabled }}
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+{{- $out = concat $out $rules.secretPreCheck }}
 {{- end }}
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
+{{- toYaml $out }}
 {{- end }}
 
 {{/*
@@ -116,11 +101,6 @@ admission policy's binding takes it as its parameter; the operator reads it (--p
 {{/* A list value of the policy as the ConfigMap holds it: one item per line. */}}
 {{- define "kubetune.policyList" -}}
 {{- join "\n" (. | default list) }}
-{{- end }}
-
-{{/* The Lease the operator's leader election uses (a fixed name in src/kubetune/controller/leader.py). */}}
-{{- define "kubetune.leaseName" -}}
-kubetune-operator
 {{- end }}
 
 {{/* Fail early on values that render but cannot work. */}}

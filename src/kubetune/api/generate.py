@@ -24,14 +24,12 @@ from kubetune.redact import TOKEN_RE
 TOKEN_PATTERN = TOKEN_RE.pattern
 
 CRD_PATH = Path("manifests/crd/kubetune.io_finetunejobs.yaml")
-# Byte-identical copies where Helm and kustomize can load them (neither reads files outside its folder).
-CRD_COPIES = (
-    Path("charts/kubetune/files/crds/kubetune.io_finetunejobs.yaml"),
-    Path("manifests/base/crd/kubetune.io_finetunejobs.yaml"),
-)
+# A byte-identical copy where Helm can load it (a chart reads no file outside its folder). kustomize
+# needs none: manifests/base lists ../crd, a kustomization of its own.
+CRD_COPIES = (Path("charts/kubetune/files/crds/kubetune.io_finetunejobs.yaml"),)
 SCHEMA_PATH = Path("manifests/schema/finetunejob.schema.json")
 README_PATH = Path("README.md")
-# Argo CD's health check: gitops/argocd/health.lua, and the argocd-cm patch that carries it verbatim.
+# Argo CD's health check: gitops/argocd/health.lua, and the argocd-cm patch generated around it.
 HEALTH_LUA_PATH = Path("gitops/argocd/health.lua")
 ARGOCD_CM_PATH = Path("gitops/argocd/argocd-cm-patch.yaml")
 ARGOCD_CM_KEY = f"  resource.customizations.health.{api.GROUP}_{api.KIND}: |\n"
@@ -417,11 +415,39 @@ def splice_reference(readme: str) -> str:
     return readme[: begin + len(REFERENCE_BEGIN)] + "\n\n" + reference_markdown() + "\n" + readme[end:]
 
 
-def splice_health_check(patch: str, script: str) -> str:
-    """The argocd-cm patch with its health-check block replaced by `script`, indented as a YAML
-    block scalar (the block is the file's last key)."""
-    head = patch[: patch.index(ARGOCD_CM_KEY) + len(ARGOCD_CM_KEY)]
-    return head + "".join(f"    {line}" if line.strip() else "\n" for line in script.splitlines(True))
+ARGOCD_CM_HEAD = """\
+# Generated from gitops/argocd/health.lua by `make generate` (python -m kubetune.api.generate): do not
+# edit; edit health.lua instead (tests/test_generated.py fails when this file is stale).
+#
+# Installs health.lua as Argo CD's health check for FineTuneJobs: the script below is that file,
+# verbatim. Merge it into the existing argocd-cm, for example:
+#   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file gitops/argocd/argocd-cm-patch.yaml
+# or list it under `patches:` of the kustomization that installs Argo CD (Helm chart: configs.cm).
+# Argo CD picks up argocd-cm changes without a restart. To try the script on a real object first:
+#   kubectl get ftj my-job -o yaml > ftj.yaml
+#   argocd admin settings resource-overrides health ftj.yaml \\
+#     --argocd-cm-path gitops/argocd/argocd-cm-patch.yaml
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: argocd-cm
+  namespace: argocd
+  labels:
+    app.kubernetes.io/name: argocd-cm
+    app.kubernetes.io/part-of: argocd
+data:
+  # Argo CD >= 3.0 tracks resources by annotation (argocd.argoproj.io/tracking-id) by default. On 2.x,
+  # consider `application.resourceTrackingMethod: annotation` too: the trainer Job, ConfigMap and Service
+  # of a FineTuneJob carry `app.kubernetes.io/instance: <FineTuneJob name>`, the label that label tracking
+  # reads, so a FineTuneJob named like an Argo CD Application would show its children in that app.
+"""
+
+
+def render_argocd_cm(script: str) -> str:
+    """gitops/argocd/argocd-cm-patch.yaml, whole: the argocd-cm patch carrying `script` (health.lua)
+    verbatim, as a YAML block scalar indented by 4 (the file's last key)."""
+    body = "".join(f"    {line}" if line.strip() else "\n" for line in script.splitlines(True))
+    return ARGOCD_CM_HEAD + ARGOCD_CM_KEY + body
 
 
 def outputs(root: Path) -> dict[Path, str]:
@@ -432,15 +458,18 @@ def outputs(root: Path) -> dict[Path, str]:
         **{root / copy: crd_yaml for copy in CRD_COPIES},
         root / SCHEMA_PATH: render_schema_json(),
         root / README_PATH: splice_reference((root / README_PATH).read_text()),
-        root / ARGOCD_CM_PATH: splice_health_check(
-            (root / ARGOCD_CM_PATH).read_text(), (root / HEALTH_LUA_PATH).read_text()
-        ),
+        root / ARGOCD_CM_PATH: render_argocd_cm((root / HEALTH_LUA_PATH).read_text()),
     }
 
 
 def write_all(root: Path) -> list[Path]:
+    return write_files(outputs(root))
+
+
+def write_files(files: dict[Path, str]) -> list[Path]:
+    """Write each file whose content differs; the ones written."""
     changed = []
-    for path, content in outputs(root).items():
+    for path, content in files.items():
         if not path.exists() or path.read_text() != content:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)

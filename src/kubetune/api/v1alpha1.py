@@ -38,6 +38,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -609,7 +610,9 @@ MetaAnnotations = Annotated[dict[str, Str], MapFormat(ANNOTATION_KEY, None, ANNO
 class Rule:
     """A rule across the fields of one model, declared once: the API server checks `cel` (which sees
     only what was written, so it spells out the defaults), the models check `holds` (which sees the
-    defaults resolved), and both say `message`. With `field`, the problem is reported at that field."""
+    defaults resolved), and both say `message`. With `field`, the problem is reported at that field.
+    tests/test_crd_rules.py runs both on passing and failing samples of every rule: same verdict, same
+    message."""
 
     cel: str
     message: str
@@ -1279,6 +1282,9 @@ class FineTuneJobSpec(_Model):
     """Trainer image. Unset: the image matching the operator's version."""
     pod_metadata: PodMetadata = Field(default_factory=PodMetadata)
     """Extra labels and annotations for the trainer Pods."""
+    # kubetune.render.spec_hash, computed once: the operator asks for it many times a pass, and a spec
+    # is never changed once validated (not a field: no schema, no dump, no comparison sees it).
+    _digest: str | None = PrivateAttr(default=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1320,6 +1326,8 @@ class FineTuneJobStatus(_Model):
     """Latest training loss."""
     eta: Str | None = None
     """Estimated time left, e.g. `1h12m`."""
+    tokens_per_second: Int | None = None
+    """Non-padding tokens trained per second (all GPUs of the run), as the trainer last reported."""
     step: Int | None = None
     total_steps: Int | None = None
     restarts: Int | None = None

@@ -23,9 +23,20 @@ def _num(value: Any) -> float | None:
     return None
 
 
+def _tokens_seen(state: Any) -> int:
+    """Non-padding tokens trained on so far, all processes together (the Trainer counts them with
+    ``include_num_input_tokens_seen="non_padding"``)."""
+    value = getattr(state, "num_input_tokens_seen", 0)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 class ProgressCallback(TrainerCallback):  # type: ignore[misc]
     """Shows step/total, loss and ETA (a rich bar on a TTY, one line per log otherwise) and keeps
-    ``progress.json`` current. Quiet off the main process."""
+    ``progress.json`` current. Quiet off the main process.
+
+    ``tokens_per_second`` is the throughput since the previous training log: the tokens trained in
+    between over the time spent inside training steps, so an evaluation or a checkpoint between two
+    logs does not read as a slow GPU."""
 
     def __init__(self, progress: ProgressFile, *, is_main: bool, tty: bool) -> None:
         self.progress = progress
@@ -38,6 +49,10 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         self.loss: float | None = None
         self.eval_loss: float | None = None
         self.tokens_at_start = 0
+        self.tokens_per_second: float | None = None
+        self._tokens_mark = 0  # tokens seen at the previous training log
+        self._step_seconds = 0.0  # time inside training steps since then
+        self._step_started: float | None = None
 
     def eta_seconds(self, step: int, total: int) -> float | None:
         done = step - self._step0
@@ -48,7 +63,8 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._t0 = time.monotonic()
         self._step0 = state.global_step
-        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.tokens_at_start = self._tokens_mark = _tokens_seen(state)
+        self._step_seconds = 0.0
         if not self.is_main:
             return
         self.progress.update("Training", step=state.global_step, total_steps=state.max_steps)
@@ -76,7 +92,13 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
                 "train", total=state.max_steps, completed=state.global_step, loss="-"
             )
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_started = time.monotonic()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._step_started is not None:
+            self._step_seconds += time.monotonic() - self._step_started
+            self._step_started = None
         if self._bar is not None:
             self._bar.update(self._task, completed=state.global_step)
 
@@ -91,12 +113,15 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.eval_loss = eval_loss
         if loss is None and eval_loss is None:
             return  # the final train summary
+        if loss is not None:
+            self._measure_tokens(state)
         eta = self.eta_seconds(state.global_step, state.max_steps)
         fields: dict[str, Any] = {
             "step": state.global_step,
             "total_steps": state.max_steps,
             "loss": self.loss,
             "eta_seconds": None if eta is None else round(eta, 1),
+            "tokens_per_second": self.tokens_per_second,
             "epoch": None if state.epoch is None else round(float(state.epoch), 4),
         }
         if self.eval_loss is not None:
@@ -115,16 +140,26 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             log.info("step %d/%d%s eval_loss %.4f", state.global_step, total, pct, eval_loss)
         else:
             lr = _num(logs.get("learning_rate"))
+            tps = self.tokens_per_second
             log.info(
-                "step %d/%d%s loss %.4f%s epoch %.2f eta %s",
+                "step %d/%d%s loss %.4f%s epoch %.2f%s eta %s",
                 state.global_step,
                 total,
                 pct,
                 loss,
                 f" lr {lr:.2e}" if lr is not None else "",
                 float(state.epoch or 0.0),
+                f" {tps:.0f} tokens/s" if tps is not None else "",
                 format_duration(eta),
             )
+
+    def _measure_tokens(self, state: Any) -> None:
+        """Update ``tokens_per_second`` over the window since the previous training log."""
+        tokens = _tokens_seen(state)
+        if tokens > self._tokens_mark and self._step_seconds > 0:
+            self.tokens_per_second = round((tokens - self._tokens_mark) / self._step_seconds, 1)
+        self._tokens_mark = tokens
+        self._step_seconds = 0.0
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._bar is not None:

@@ -11,6 +11,7 @@ import yaml
 
 import kubetune
 from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.contract import ENV_GIT_COMMIT
 from kubetune.redact import contains_token, redact
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -64,7 +65,7 @@ def render_card(
 ) -> str:
     """The card's text. ``git_commit`` defaults to ``$KUBETUNE_GIT_COMMIT``."""
     versions = versions if versions is not None else package_versions()
-    git_commit = git_commit if git_commit is not None else os.environ.get("KUBETUNE_GIT_COMMIT") or None
+    git_commit = git_commit if git_commit is not None else os.environ.get(ENV_GIT_COMMIT) or None
     method = spec.method.type
     adapter = spec.method.uses_adapter
 

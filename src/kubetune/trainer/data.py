@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import DatasetSource, FineTuneJobSpec
+from kubetune.contract import ENV_HF_TOKEN
 from kubetune.trainer.errors import DataError
 
 log = logging.getLogger("kubetune.trainer")
@@ -202,7 +203,7 @@ def load_raw(source: DatasetSource, base_dir: Path, split: str | None = None) ->
         source.id,
         revision=source.revision,
         split=split or source.split,
-        token=os.environ.get("HF_TOKEN") or None,
+        token=os.environ.get(ENV_HF_TOKEN) or None,
     )
 
 
@@ -223,7 +224,7 @@ def lineage(source: DatasetSource, base_dir: Path) -> dict[str, Any]:
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi(token=os.environ.get("HF_TOKEN") or None).dataset_info(
+        info = HfApi(token=os.environ.get(ENV_HF_TOKEN) or None).dataset_info(
             source.id or "", revision=source.revision
         )
         return {"dataset_commit": info.sha}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.contract import ENV_HF_TOKEN
 from kubetune.trainer import config as cfg
 from kubetune.trainer.data import alpaca_prompt
 from kubetune.trainer.errors import TrainerError
@@ -46,7 +47,7 @@ def model_source(spec: FineTuneJobSpec, base_dir: Path) -> tuple[str, dict[str, 
     assert m.id is not None
     kwargs["revision"] = m.revision
     # huggingface_hub also honours HF_ENDPOINT and HF_HUB_OFFLINE from the environment.
-    kwargs["token"] = os.environ.get("HF_TOKEN") or None
+    kwargs["token"] = os.environ.get(ENV_HF_TOKEN) or None
     return m.id, kwargs
 
 

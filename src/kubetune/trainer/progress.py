@@ -1,8 +1,8 @@
 """The run's progress: ``<run folder>/progress.json`` and one structured line on stdout per update.
 
 Fields (:class:`kubetune.contract.ProgressReport`): ``state`` (one of :data:`kubetune.contract.PHASES`),
-``step``, ``total_steps``, ``loss``, ``eta_seconds``, ``epoch``, ``updated_at`` (RFC 3339, UTC), ``run``,
-plus ``eval_loss`` once evaluated and ``message`` on failure.
+``step``, ``total_steps``, ``loss``, ``eta_seconds``, ``tokens_per_second``, ``epoch``, ``updated_at``
+(RFC 3339, UTC), ``run``, plus ``eval_loss`` once evaluated and ``message`` on failure.
 
 The operator learns about the run from the log of rank 0 (no API access from the trainer Pod): every
 update prints :func:`kubetune.contract.progress_line`, ``kubetune.io/progress {...json...}``, which
@@ -70,6 +70,7 @@ class ProgressFile:
             "total_steps": None,
             "loss": None,
             "eta_seconds": None,
+            "tokens_per_second": None,
             "epoch": None,
             "updated_at": None,
             "run": run,

@@ -7,11 +7,8 @@ from pathlib import Path
 
 from kubetune.api import load
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from kubetune.contract import ENV_WORKDIR
 from kubetune.trainer.errors import SpecError
-
-# Set by the Job (to storage.mountPath): relative paths in a mounted spec are relative to the volume,
-# not to the ConfigMap mount the spec file lives in.
-WORKDIR_ENV = "KUBETUNE_WORKDIR"
 
 
 def load_job(path: str | Path) -> FineTuneJob:
@@ -25,7 +22,9 @@ def load_job(path: str | Path) -> FineTuneJob:
 
 def base_dir(spec_file: Path) -> Path:
     """The folder relative paths in the spec (model.path, dataset.files, output.path) start from."""
-    return Path(os.environ.get(WORKDIR_ENV) or spec_file.resolve().parent)
+    # $KUBETUNE_WORKDIR is set by the Job (to storage.mountPath): relative paths in a mounted spec are
+    # relative to the volume, not to the ConfigMap mount the spec file lives in.
+    return Path(os.environ.get(ENV_WORKDIR) or spec_file.resolve().parent)
 
 
 def resolve_output(spec: FineTuneJobSpec, base: Path, override: str | Path | None = None) -> Path:

@@ -1,9 +1,17 @@
-"""`kubetune operator`: watches FineTuneJobs and their Jobs and Pods, and reconciles them.
+"""`kubetune operator`: keeps FineTuneJobs and their Jobs, Pods and claims in a cache, and reconciles them.
 
-Watches only turn events into keys (namespace, name); workers run `Reconciler.reconcile` for one key at
-a time. A failed pass is retried with back-off; one bad object never stops the others.
+Informers (kubetune_operator.cache) list and watch, keep the objects in memory and turn each change
+into the key (namespace, name) of the FineTuneJob it concerns; workers run `Reconciler.reconcile` for one
+key at a time, reading from the cache. A failed pass is retried with back-off; one bad object never
+stops the others. A pass asks to be looked at again only while time matters (a running job, a wait with
+a deadline): the work queue keeps one timer per key, and such a pass reads the cache only.
 
-With a policy ConfigMap (`--policy-configmap NS/NAME`, kubetune.policy), one more watch keeps its limits
+The informers run on every replica, so a standby's cache is warm when it takes over; workers run only
+while this replica leads (--leader-elect), and every write is fenced by the lease (Kube.fence).
+Ready: the caches are synced. Alive: every thread runs, and no watch has been silent for longer than
+--watch-stall-seconds (a frozen connection then ends with a restart, not with a stuck operator).
+
+With a policy ConfigMap (`--policy-configmap NS/NAME`, kubetune.policy), one more informer keeps its limits
 for the reconciler, which checks every new run against them; when they change, the FineTuneJobs they
 stopped (PolicyViolation, PolicyUnavailable) are looked at again. Workers start once it has been read.
 
@@ -18,16 +26,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
-from kubetune.contract import LABEL_JOB, MANAGED_BY
-from kubetune.controller.kube import Kube, is_status
-from kubetune.controller.leader import LeaderElector
-from kubetune.controller.plan import DEFAULT_IMAGE_PULL_GRACE_SECONDS
-from kubetune.controller.queue import WorkQueue
-from kubetune.controller.reconcile import Reconciler
-from kubetune.controller.serve import AddrError, Metrics, health_server, parse_addr, resolve, start
+from kubetune.contract import LABEL_JOB
 from kubetune.policy import (
     UNAVAILABLE,
     VIOLATION,
@@ -38,11 +39,26 @@ from kubetune.policy import (
     unreadable_message,
 )
 from kubetune.redact import install_process_redaction
+from kubetune_operator.cache import DEFAULT_WATCH_STALL_SECONDS, Cache, Informer, Key
+from kubetune_operator.kube import Fenced, Kube, describe_error, is_status
+from kubetune_operator.leader import LeaderElector
+from kubetune_operator.plan import DEFAULT_IMAGE_PULL_GRACE_SECONDS
+from kubetune_operator.queue import WorkQueue
+from kubetune_operator.reconcile import Reconciler
+from kubetune_operator.serve import AddrError, Metrics, health_server, parse_addr, resolve, start
+from kubetune_operator.status import job_finished
 
 log = logging.getLogger("kubetune.operator")
 
-WATCH_TIMEOUT_SECONDS = 300
-MANAGED = MANAGED_BY
+# Passes in parallel. Each pass reads the cache only, so a worker mostly waits on its writes: enough
+# workers to keep QPS busy on 2 cores (bench/operator.py), few enough that the GIL is not the queue.
+DEFAULT_WORKERS = 16
+# The client-side rate limit (--qps, --burst). A FineTuneJob's first pass sends about 6 requests (the
+# Secret check, the claim, the ConfigMap, the Job, an event, the status), all before the Jobs of the
+# FineTuneJobs queued behind it: 1,000 at once are about 6,000 requests, which the goal (every Job
+# within 20 s) needs at 300/s or more. The API server's own priority and fairness still protect it.
+DEFAULT_QPS = 500.0
+DEFAULT_BURST = 1000
 # Exit code of a start-up error (a flag that cannot work): the operator never started.
 EXIT_USAGE = 2
 
@@ -53,66 +69,109 @@ class Operator:
         kube: Kube,
         *,
         namespace: str | None = None,
-        workers: int = 4,
+        workers: int = DEFAULT_WORKERS,
         image: str | None = None,
-        resync_seconds: float = 600.0,
         image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS,
         secret_precheck: bool = True,
         policy_configmap: tuple[str, str] | None = None,
+        watch_stall_seconds: float = DEFAULT_WATCH_STALL_SECONDS,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
         self.workers = workers
+        self.watch_stall_seconds = watch_stall_seconds
         # The policy ConfigMap (namespace, name), its limits as last read (or why they cannot be), and
         # whether it has been read once: workers wait for that, so no pass decides without the limits.
         self.policy_configmap = policy_configmap
         self._policy: Limits | str = "the policy ConfigMap has not been read yet"
         self._policy_read = threading.Event()
+        self.cache = Cache(kube, namespace, handler=self._changed)
+        self.informers: list[Informer] = list(self.cache.informers.values())
         if policy_configmap is None:
             self._policy_read.set()
+        else:
+            ns, name = policy_configmap
+            self._policy_informer = Informer(
+                kube,
+                "ConfigMap",
+                namespace=ns,
+                field_selector=f"metadata.name={name}",
+                handler=lambda _kind, type_, _old, new: self._set_policy(new),
+                on_listed=lambda: self._set_policy(self._policy_informer.get(ns, name)),
+                on_error=self._policy_failed,
+            )
+            self.informers.append(self._policy_informer)
         self.reconciler = Reconciler(
             kube,
+            self.cache,
             image=image,
             image_pull_grace=image_pull_grace,
             secret_precheck=secret_precheck,
             policy=(lambda: self._policy) if policy_configmap is not None else None,
         )
         self.queue = WorkQueue()
-        self.resync_seconds = resync_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._started: set[str] = set()
         self.reconciles = 0
-        kinds = ("FineTuneJob", "Job", "Pod", *(("Policy",) if policy_configmap is not None else ()))
-        self._synced = {kind: threading.Event() for kind in kinds}
-        self.metrics = Metrics(lambda: kube.requests, lambda: len(self.queue))
+        # FineTuneJob changes that were this operator's own status write, and caused no pass.
+        self.own_writes_skipped = 0
+        self.metrics = Metrics(lambda: len(self.queue), self.cache.ftjs)
+        kube.on_request = self.metrics.request
 
     # Lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> Operator:
-        for kind in ("FineTuneJob", "Job", "Pod"):
-            self._spawn(f"watch-{kind}", self._watch, kind)
-        if self.policy_configmap is not None:
-            self._spawn("watch-Policy", self._watch_policy, *self.policy_configmap)
+        """The informers and the workers (without leader election)."""
+        self.start_informers()
+        self.start_workers()
+        return self
+
+    def start_informers(self) -> None:
+        if "informers" in self._started:
+            return
+        self._started.add("informers")
+        for informer in self.informers:
+            self._spawn(f"watch-{informer.kind}", informer.run, self._stop)
+
+    def start_workers(self) -> None:
+        if "workers" in self._started:
+            return
+        self._started.add("workers")
         for i in range(self.workers):
             self._spawn(f"worker-{i}", self._work)
         log.info("operator started (namespace=%s, workers=%d)", self.namespace or "<all>", self.workers)
-        return self
 
     def synced(self) -> bool:
-        return all(e.is_set() for e in self._synced.values())
+        return all(i.synced.is_set() for i in self.informers)
+
+    def stalled(self) -> list[str]:
+        """The kinds whose watch has made no progress for longer than watch_stall_seconds."""
+        now = time.monotonic()
+        return [i.kind for i in self.informers if now - i.last_progress > self.watch_stall_seconds]
 
     def alive(self) -> bool:
-        """Every watch and worker thread that was started is still running."""
-        return not self._stop.is_set() and all(t.is_alive() for t in self._threads)
+        """Every thread that was started still runs, and every watch makes progress."""
+        if self._stop.is_set() or not all(t.is_alive() for t in self._threads):
+            return False
+        stalled = self.stalled()
+        if stalled:
+            log.warning(
+                "no progress from the %s watch for over %.0f s: not healthy",
+                ", ".join(stalled),
+                self.watch_stall_seconds,
+            )
+        return not stalled
 
     def wait_synced(self, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
-        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self._synced.values())
+        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in self.informers)
 
     def stop(self) -> None:
         self._stop.set()
         self.queue.shutdown()
-        # Workers finish their current pass; watch threads may sit in a long read and are daemons.
+        self.cache.stop()  # ends the watches now, wherever they wait
+        # Workers finish their current pass.
         for t in self._threads:
             if t.name.startswith("worker-"):
                 t.join(timeout=10)
@@ -134,17 +193,8 @@ class Operator:
             if metrics_addr:
                 servers.append(("metrics", self.metrics.listen(metrics_addr)))
             if health_addr:
-                # A standby replica is healthy and ready: it is doing its job, which is to wait.
-                servers.append(
-                    (
-                        "health",
-                        health_server(
-                            health_addr,
-                            alive=lambda: (elector is not None and not elector.is_leader) or self.alive(),
-                            ready=lambda: (elector is not None and not elector.is_leader) or self.synced(),
-                        ),
-                    )
-                )
+                # A standby keeps its cache warm: it is ready when synced, alive while its watches work.
+                servers.append(("health", health_server(health_addr, alive=self.alive, ready=self.synced)))
         except AddrError:
             for _, server in servers:
                 server.server_close()
@@ -154,13 +204,14 @@ class Operator:
             log.info("%s on port %d", name, server.server_address[1])
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         try:
+            self.start_informers()
             if elector is None:
-                self.start()
+                self.start_workers()
             else:
 
                 def started() -> None:
                     self.metrics.leader.set(1)
-                    self.start()
+                    self.start_workers()
 
                 def stopped() -> None:
                     self.metrics.leader.set(0)
@@ -183,103 +234,47 @@ class Operator:
         t.start()
         self._threads.append(t)
 
-    # Watches: list, then watch from the list's resourceVersion; relist on 410 Gone or errors ----------
+    # Changes: each one enqueues the FineTuneJob it concerns ---------------------------------------------
 
-    def _key(self, kind: str, obj: dict[str, Any]) -> tuple[str, str] | None:
+    def _changed(self, kind: str, type_: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        obj = new if new is not None else old
+        assert obj is not None
         meta = obj.get("metadata") or {}
         namespace = meta.get("namespace")
-        name = meta.get("name") if kind == "FineTuneJob" else (meta.get("labels") or {}).get(LABEL_JOB)
-        return (str(namespace), str(name)) if namespace and name else None
-
-    def _list_watch(
-        self,
-        kind: str,
-        list_: Callable[[], dict[str, Any]],
-        stream: Callable[[str], Iterable[dict[str, Any]]],
-        on_list: Callable[[list[dict[str, Any]]], None],
-        on_event: Callable[[str, dict[str, Any]], None],
-        on_error: Callable[[Exception], None] = lambda e: None,
-    ) -> None:
-        """List, then watch from the list's resourceVersion until the next resync; relist on 410 Gone,
-        and after any other error with back-off (1 s doubling to 60 s)."""
-        backoff = 1.0
-        while not self._stop.is_set():
-            try:
-                listing = list_()
-                on_list(listing.get("items") or [])
-                rv = listing["metadata"]["resourceVersion"]
-                relist_at = time.monotonic() + self.resync_seconds
-                while not self._stop.is_set() and time.monotonic() < relist_at:
-                    for event in stream(rv):
-                        if self._stop.is_set():
-                            return
-                        obj = event["object"]
-                        if event["type"] == "ERROR":
-                            raise _Gone() if obj.get("code") == 410 else RuntimeError(json.dumps(obj)[:300])
-                        rv = (obj.get("metadata") or {}).get("resourceVersion", rv)
-                        if event["type"] != "BOOKMARK":
-                            on_event(event["type"], obj)
-                backoff = 1.0
-            except _Gone:
-                log.info("%s watch expired; relisting", kind)
-            except Exception as e:
-                if is_status(e, 410):
-                    log.info("%s watch expired; relisting", kind)
-                    continue
-                if self._stop.is_set():
-                    return
-                on_error(e)
-                log.warning("%s watch failed (%s); retrying in %.0fs", kind, str(e)[:200], backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
-
-    def _watch(self, kind: str) -> None:
-        """FineTuneJobs and their children: every change enqueues the FineTuneJob it belongs to."""
-        selector = None if kind == "FineTuneJob" else MANAGED
-
-        def enqueue(obj: dict[str, Any]) -> None:
-            key = self._key(kind, obj)
-            if key:
-                self.queue.add(key)
-
-        def listed(items: list[dict[str, Any]]) -> None:
-            for item in items:
-                enqueue(item)
-            self._synced[kind].set()
-
-        self._list_watch(
-            kind,
-            lambda: self.kube.list_raw(kind, self.namespace, selector),
-            lambda rv: self.kube.stream(kind, self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS),
-            listed,
-            lambda _type, obj: enqueue(obj),
-        )
+        if kind == "FineTuneJob":
+            key: Key = (str(namespace), str(meta.get("name")))
+            if new is None:
+                self.reconciler.forget(key)  # gone: its children are garbage-collected
+                return
+            if (
+                old is not None
+                and _same_but_status(old, new)
+                and self.reconciler.wrote(key, new.get("status"))
+            ):
+                self.own_writes_skipped += 1  # our own status patch, seen again: nothing new to decide
+                return
+            name = meta.get("name")
+        else:
+            if (
+                kind == "PersistentVolumeClaim"
+                and old is not None
+                and new is not None
+                and _same_claim(old, new)
+            ):
+                return  # binding, resizing: decisions read a claim's labels, owner and deletion only
+            name = (meta.get("labels") or {}).get(LABEL_JOB)
+        # A Job that just finished is news a person waits for: ahead of any backlog (status lag).
+        urgent = kind == "Job" and new is not None and job_finished(new) and not (old and job_finished(old))
+        if namespace and name:
+            self.queue.add((str(namespace), str(name)), urgent=urgent)
 
     # The policy ConfigMap: its limits, kept for the reconciler ---------------------------------------
 
-    def _watch_policy(self, namespace: str, name: str) -> None:
-        field = f"metadata.name={name}"
-
-        def listed(items: list[dict[str, Any]]) -> None:
-            self._set_policy(items[0] if items else None)
-            self._synced["Policy"].set()
-
-        def changed(type_: str, obj: dict[str, Any]) -> None:
-            self._set_policy(None if type_ == "DELETED" else obj)
-
-        def failed(e: Exception) -> None:
-            if is_status(e, 401, 403) or not self._policy_read.is_set():
-                # Not allowed, or never read: no run may start on limits nobody has seen.
-                self._set_state(unreadable_message(_source(namespace, name), str(e).splitlines()[0][:200]))
-
-        self._list_watch(
-            "policy ConfigMap",
-            lambda: self.kube.list_config_map(namespace, name),
-            lambda rv: self.kube.stream("ConfigMap", namespace, None, rv, WATCH_TIMEOUT_SECONDS, field),
-            listed,
-            changed,
-            failed,
-        )
+    def _policy_failed(self, e: Exception) -> None:
+        assert self.policy_configmap is not None
+        if is_status(e, 401, 403) or not self._policy_read.is_set():
+            # Not allowed, or never read: no run may start on limits nobody has seen.
+            self._set_state(unreadable_message(_source(*self.policy_configmap), describe_error(e)))
 
     def _set_policy(self, obj: dict[str, Any] | None) -> None:
         assert self.policy_configmap is not None
@@ -306,18 +301,12 @@ class Operator:
             log.info("policy: %s", state)
         if first:
             return
-        # What the old limits stopped is looked at again; other passes read the new ones anyway. Best
-        # effort: the FineTuneJob watch's resync looks at every object again in any case.
-        try:
-            listing = self.kube.list_raw("FineTuneJob", self.namespace, None)
-        except Exception as e:
-            log.warning("could not list FineTuneJobs after the policy changed: %s", str(e)[:200])
-            return
-        for item in listing.get("items") or []:
+        # What the old limits stopped is looked at again (from the cache); other passes read the new
+        # limits anyway.
+        for item in self.cache.ftjs():
             if ((item.get("status") or {}).get("reason")) in (VIOLATION, UNAVAILABLE):
-                key = self._key("FineTuneJob", item)
-                if key:
-                    self.queue.add(key)
+                meta = item["metadata"]
+                self.queue.add((meta["namespace"], meta["name"]))
 
     # Workers ------------------------------------------------------------------------------------------
 
@@ -338,12 +327,17 @@ class Operator:
                 self.queue.forget(key)
                 if again is not None:
                     self.queue.add_after(key, again)
+            except Fenced:
+                # The lease may have passed on: this replica is stepping down, and writes nothing more.
+                self.metrics.reconciles.labels("fenced").inc()
+                self.queue.add_rate_limited(key)
+                log.debug("reconcile stopped: not leading", extra={"namespace": namespace, "ftj": name})
             except Exception as e:
                 self.metrics.reconciles.labels("error").inc()
                 delay = self.queue.add_rate_limited(key)
                 log.warning(
                     "reconcile failed: %s; retrying in %.1fs",
-                    str(e)[:300],
+                    describe_error(e),
                     delay,
                     extra={"namespace": namespace, "ftj": name},
                 )
@@ -352,8 +346,25 @@ class Operator:
                 self.queue.done(key)
 
 
-class _Gone(Exception):
-    """The watch's resourceVersion is too old: list again."""
+def _same_but_status(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two versions of an object differ in their status (and resourceVersion) only."""
+
+    def rest(obj: dict[str, Any]) -> dict[str, Any]:
+        meta = {
+            k: v
+            for k, v in (obj.get("metadata") or {}).items()
+            if k not in ("resourceVersion", "managedFields")
+        }
+        return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}
+
+    return rest(old) == rest(new)
+
+
+def _same_claim(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a claim changed in nothing plan() reads: its labels, owners and deletion."""
+    fields = ("labels", "ownerReferences", "deletionTimestamp")
+    a, b = old.get("metadata") or {}, new.get("metadata") or {}
+    return all(a.get(f) == b.get(f) for f in fields)
 
 
 def _source(namespace: str, name: str) -> str:
@@ -393,10 +404,13 @@ def main(
     image_pull_grace: float,
     secret_precheck: bool,
     policy_configmap: str | None,
+    qps: float = DEFAULT_QPS,
+    burst: int = DEFAULT_BURST,
+    watch_stall_seconds: float = DEFAULT_WATCH_STALL_SECONDS,
 ) -> int:
     """Run the operator until SIGTERM; the exit code. A start-up error is one log line and EXIT_USAGE,
     before any request to the API server: flags first, then both ports, then the client."""
-    from kubetune.controller.kube import load_client
+    from kubetune_operator.kube import load_client
 
     setup_logging(log_format)
     try:
@@ -418,21 +432,28 @@ def main(
             where = f"--kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster config or ~/.kube/config"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise StartupError(f"cannot load the cluster credentials from {where}: {first}") from None
+        kube = Kube(api_client, qps=qps, burst=burst)
         elector = None
         if leader_elect:
             import socket
             import uuid
 
             identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+            # The audit log tells the replicas apart by user agent.
+            api_client.user_agent = f"kubetune-operator/{identity}"
             elector = LeaderElector(api_client, str(leader_election_namespace), identity)
+            # Every write is checked against the lease first: a paused leader writes nothing once its
+            # renew deadline has passed, before the lease can pass to another replica.
+            kube.fence = elector.may_write
         op = Operator(
-            Kube(api_client),
+            kube,
             namespace=namespace,
             workers=workers,
             image=image,
             image_pull_grace=image_pull_grace,
             secret_precheck=secret_precheck,
             policy_configmap=policy,
+            watch_stall_seconds=watch_stall_seconds,
         )
         return op.run_forever(health_addr=health_addr, metrics_addr=metrics_addr, elector=elector)
     except (StartupError, AddrError) as e:

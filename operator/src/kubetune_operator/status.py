@@ -2,7 +2,7 @@
 Job, its Pods, the trainer's log tail and the old status.
 
 No I/O and no clock (`now` is passed in), so every mapping is unit-tested with plain dicts. The decisions
-built on them (what to create, delete or patch) are kubetune.controller.plan's.
+built on them (what to create, delete or patch) are kubetune_operator.plan's.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import (
+    ANNOTATION_COMPLETION_INDEX,
     REASON_BY_EXIT,
     Exit,
     ProgressReport,
@@ -25,7 +26,7 @@ from kubetune.redact import redact
 from kubetune.render import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+INDEX_ANNOTATION = ANNOTATION_COMPLETION_INDEX
 # Container waiting reasons: retried by the kubelet (with back-off), or never going to work.
 IMAGE_PULL_RETRYING = ("ErrImagePull", "ImagePullBackOff")
 IMAGE_PULL_FATAL = ("ErrImageNeverPull", "InvalidImageName")
@@ -310,6 +311,8 @@ def progress_fields(log_tail: str | None) -> dict[str, Any]:
         out["loss"] = f"{report['loss']:.4f}"
     if report.get("eta_seconds") is not None:
         out["eta"] = format_duration(report["eta_seconds"])
+    if report.get("tokens_per_second") is not None:
+        out["tokensPerSecond"] = round(report["tokens_per_second"] or 0)
     return out
 
 

@@ -28,13 +28,24 @@ class WorkQueue:
         self._base, self._max = base_delay, max_delay
         self._shutdown = False
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, *, urgent: bool = False) -> None:
+        """Queue `key` (once, however often it is added before a worker takes it). An urgent key goes
+        to the front, ahead of a backlog: a run that just finished is reported while a burst of new
+        ones is still being created."""
         with self._cv:
-            if self._shutdown or key in self._dirty:
+            if self._shutdown:
+                return
+            if key in self._dirty:
+                if urgent and key not in self._processing and self._queue and self._queue[0] != key:
+                    self._queue.remove(key)
+                    self._queue.appendleft(key)
                 return
             self._dirty.add(key)
             if key not in self._processing:
-                self._queue.append(key)
+                if urgent:
+                    self._queue.appendleft(key)
+                else:
+                    self._queue.append(key)
                 self._cv.notify()
 
     def add_after(self, key: Hashable, delay: float) -> None:

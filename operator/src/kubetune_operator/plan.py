@@ -1,7 +1,7 @@
 """Decide what to do about one FineTuneJob: `plan(observed, now)` is a pure function of what reconcile
 read, and returns the actions to take, the new status, the events to record and when to look again.
 
-No I/O and no clock, so every branch is unit-tested with plain dicts (tests/test_controller_plan.py).
+No I/O and no clock, so every branch is unit-tested with plain dicts (tests/test_operator_plan.py).
 Nothing is remembered between passes: what a decision needs is in the cluster (the objects, their
 conditions and timestamps, and the FineTuneJob's own status), so a restarted operator decides the same.
 
@@ -28,7 +28,17 @@ from typing import Any, Literal
 
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 from kubetune.contract import FAIL_FAST_EXIT_CODES, LABEL_JOB, LABEL_QUEUE, REASON_BY_EXIT
-from kubetune.controller.status import (
+from kubetune.policy import UNAVAILABLE, VIOLATION, Limits, check
+from kubetune.render import (
+    output_path,
+    render,
+    render_claim,
+    render_job,
+    run_name,
+    spec_hash,
+    workspace_claim,
+)
+from kubetune_operator.status import (
     INDEX_ANNOTATION,
     TERMINAL,
     Conditions,
@@ -52,16 +62,6 @@ from kubetune.controller.status import (
     running_pods,
     secret_missing_message,
     unschedulable,
-)
-from kubetune.policy import UNAVAILABLE, VIOLATION, Limits, check
-from kubetune.render import (
-    output_path,
-    render,
-    render_claim,
-    render_job,
-    run_name,
-    spec_hash,
-    workspace_claim,
 )
 
 # Look again this often while the trainer runs: progress, loss and ETA come from its log.
@@ -177,7 +177,17 @@ def plan(obs: Observed, now: datetime) -> Plan:
         "workspaceClaim": workspace_claim(job),
         "outputPath": output_path(job),
     }
-    for key in ("phase", "progress", "loss", "eta", "step", "totalSteps", "restarts", "preemptions"):
+    for key in (
+        "phase",
+        "progress",
+        "loss",
+        "eta",
+        "step",
+        "totalSteps",
+        "tokensPerSecond",
+        "restarts",
+        "preemptions",
+    ):
         status[key] = before.get(key)
     status.update(startTime=before.get("startTime"), completionTime=before.get("completionTime"))
     actions: list[Action] = []
@@ -457,7 +467,17 @@ def _active(
         return "Preempted", PREEMPTED_GONE, False
     if running:
         return "TrainerRunning", "the trainer is running", False
+    if _finished_under_job(pods):
+        # The Job controller marks the Job Complete a moment after its pods succeed. The trainer ran,
+        # whatever this run's last status said (a pass may never have seen the pod Running, or may
+        # read a status older than its own last write): Running, never back to Pending.
+        return "TrainerRunning", TRAINER_FINISHED, False
     scheduling = unschedulable(pods)
+    if scheduling is not None and _waits_for_own_claim(obs, scheduling):
+        # Routine, not a warning: the scheduler waits for the claim kubetune just created to bind (a
+        # burst of runs binds their claims one after another). Once bound, it schedules the pod.
+        claim = workspace_claim(job)
+        return "Starting", f"waiting for the workspace claim {claim} to bind ({scheduling})", False
     if scheduling is not None:
         return "Unschedulable", scheduling, False
     pull = image_pull_problem(pods)
@@ -492,10 +512,33 @@ def _active(
     return "Starting", "waiting for the trainer pods to start", False
 
 
+TRAINER_FINISHED = "the trainer finished; waiting for its Job to be marked Complete"
+
+
+def _finished_under_job(pods: list[dict[str, Any]]) -> bool:
+    """A pod of the run succeeded, and no pod failed after it (then the failure decides)."""
+    done = [p for p in pods if phase(p) == "Succeeded"]
+    if not done:
+        return False
+    last_done = max(created(p) for p in done)
+    return not [p for p in failed_pods(pods) if created(p) > last_done]
+
+
 PREEMPTED_GONE = (
     "a trainer pod was stopped by a disruption (preemption, eviction, node drain) and is being replaced; "
     "the replacement resumes from the last checkpoint"
 )
+
+
+# What kube-scheduler says of a pod whose PersistentVolumeClaim is not bound yet.
+UNBOUND_CLAIM = "unbound immediate PersistentVolumeClaims"
+
+
+def _waits_for_own_claim(obs: Observed, scheduling: str) -> bool:
+    """The pod is unschedulable only because the workspace claim kubetune created is not bound yet."""
+    if obs.claim is None or UNBOUND_CLAIM not in scheduling:
+        return False
+    return (obs.claim.get("status") or {}).get("phase") != "Bound"
 
 
 def _pod_vanished(

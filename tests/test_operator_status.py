@@ -6,7 +6,8 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import Exit, progress_line, termination_message
-from kubetune.controller.status import (
+from kubetune.durations import format_duration
+from kubetune_operator.status import (
     Conditions,
     image_pull_problem,
     pod_failure,
@@ -14,7 +15,6 @@ from kubetune.controller.status import (
     rank0_log_pod,
     unschedulable,
 )
-from kubetune.durations import format_duration
 
 NOW = "2026-11-28T10:00:00Z"
 JOB = FineTuneJob.model_validate(

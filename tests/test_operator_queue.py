@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 
-from kubetune.controller.queue import WorkQueue
+from kubetune_operator.queue import WorkQueue
 
 
 def test_a_key_is_queued_once_and_refolded_while_processing() -> None:
@@ -50,3 +50,23 @@ def test_delayed_adds_of_one_key_merge_into_the_earliest() -> None:
     q.done("k")
     q.add_after("k", 0.02)
     assert q.get() == "k"
+
+
+def test_an_urgent_key_goes_ahead_of_the_backlog_and_is_still_queued_once() -> None:
+    q = WorkQueue()
+    for key in ("a", "b", "c"):
+        q.add(key)
+    q.add("d", urgent=True)  # new: to the front
+    q.add("c", urgent=True)  # queued already: moved to the front, not queued twice
+    q.add("c", urgent=True)
+    assert [q.get() for _ in range(4)] == ["c", "d", "a", "b"]
+    assert len(q) == 0
+    # A key being processed is not queued ahead of itself: it comes back once, after done().
+    q.add("e", urgent=True)
+    for key in ("c", "d", "a", "b"):
+        q.done(key)
+    assert q.get() == "e"
+    q.add("e", urgent=True)
+    assert len(q) == 0
+    q.done("e")
+    assert q.get() == "e"

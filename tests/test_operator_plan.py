@@ -15,7 +15,9 @@ import pytest
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.contract import LABEL_JOB, LABEL_QUEUE, LABEL_RUN, progress_line, termination_message
-from kubetune.controller.plan import (
+from kubetune.policy import Limits
+from kubetune.render import render_claim, render_job, run_name
+from kubetune_operator.plan import (
     BACKOFF_MAX_SECONDS,
     PENDING_RESYNC_SECONDS,
     RUNNING_RESYNC_SECONDS,
@@ -26,8 +28,6 @@ from kubetune.controller.plan import (
     Plan,
     plan,
 )
-from kubetune.policy import Limits
-from kubetune.render import render_claim, render_job, run_name
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 T0 = "2026-11-28T09:00:00Z"
@@ -368,7 +368,14 @@ LOG = "\n".join(
     [
         "loading model",
         progress_line(
-            {"state": "Training", "step": 37, "total_steps": 100, "loss": 1.23456, "eta_seconds": 4330}
+            {
+                "state": "Training",
+                "step": 37,
+                "total_steps": 100,
+                "loss": 1.23456,
+                "eta_seconds": 4330,
+                "tokens_per_second": 2048.4,
+            }
         ),
         "{'loss': 1.2}",
     ]
@@ -389,11 +396,13 @@ def test_running_reads_progress_from_the_log_tail() -> None:
         37,
         100,
     )
+    assert s["tokensPerSecond"] == 2048
     assert s["startTime"] == T0 and p.requeue == RUNNING_RESYNC_SECONDS
     assert reasons(p) == ["Started"]
-    # No log this time (a failed read): the last values stay.
+    # No log this time (a failed read): the last values stay, every one of them (a field dropped and
+    # put back would be two status writes for nothing).
     again = passes(jobs=jobs, pods=[pod("Running")], claim=claim(obj), log_tail=None)
-    assert again.status["progress"] == "37%" and again.events == []
+    assert again.status == {**s, "conditions": again.status["conditions"]} and again.events == []
 
 
 def test_state_never_goes_backwards_within_a_run() -> None:
@@ -429,6 +438,29 @@ def test_unschedulable_is_one_warning_and_keeps_a_running_run_running() -> None:
     assert (p.status["state"], p.status["reason"]) == ("Pending", "Unschedulable")
     assert cond(p.status, "Scheduled")["message"] == "0/3 nodes: gpu" and reasons(p) == ["Unschedulable"]
     assert passes(jobs=[trainer_job(obj)], pods=[stuck], claim=claim(obj)).events == []
+
+
+def test_a_pod_waiting_for_its_own_new_claim_to_bind_is_starting_not_unschedulable() -> None:
+    """A burst of runs binds their claims one after another: the scheduler's "unbound immediate
+    PersistentVolumeClaims" while kubetune's own claim is Pending is routine (no warning, no extra
+    write), and the same message once the claim is Bound, or for a claim kubetune did not make, is not."""
+    obj = ftj()
+    message = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    waiting = pod(
+        "Pending",
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        ],
+    )
+    pending_claim = {**claim(obj), "status": {"phase": "Pending"}}
+    p = Pass(obj)(jobs=[trainer_job(obj)], pods=[waiting], claim=pending_claim)
+    assert (p.status["state"], p.status["reason"]) == ("Pending", "Starting") and reasons(p) == []
+    assert "waiting for the workspace claim demo-workspace to bind" in cond(p.status, "Running")["message"]
+    bound = {**claim(obj), "status": {"phase": "Bound"}}
+    p = Pass(obj)(jobs=[trainer_job(obj)], pods=[waiting], claim=bound)
+    assert (p.status["reason"], reasons(p)) == ("Unschedulable", ["Unschedulable"])
+    p = Pass(obj)(jobs=[trainer_job(obj)], pods=[waiting], claim=None)  # storage.claimName: not ours
+    assert p.status["reason"] == "Unschedulable"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -777,3 +809,193 @@ def test_tighter_limits_leave_a_running_run_alone() -> None:
     p = plan(observe(obj, jobs=[job], limits=Limits(source=POLICY, max_gpus_per_job=1)), NOW)
     assert p.status["reason"] != "PolicyViolation"
     assert not any(isinstance(a, Delete) for a in p.actions)
+
+
+# ---------------------------------------------------------------------------------------------------
+# State never goes backwards; what the e2e scenarios check, pass by pass
+# ---------------------------------------------------------------------------------------------------
+
+COMPLETE = [{"type": "Complete", "status": "True"}]
+RANK = {"Pending": 0, "Running": 1, "Succeeded": 2}
+
+
+def test_a_pod_finished_before_its_job_is_complete_is_running_not_pending() -> None:
+    """No pass saw the pod Running (it was quick, or the status read was older than the last write):
+    a Succeeded pod under a Job not yet Complete still means the trainer ran."""
+    obj = ftj()
+    passes = Pass(obj)
+    assert passes(jobs=[trainer_job(obj)], claim=claim(obj)).status["state"] == "Pending"
+    p = passes(jobs=[trainer_job(obj, succeeded=1)], pods=[pod("Succeeded")], claim=claim(obj))
+    assert (p.status["state"], p.status["reason"]) == ("Running", "TrainerRunning")
+    assert "waiting for its Job to be marked Complete" in cond(p.status, "Running")["message"]
+    assert reasons(p) == ["Started"] and p.requeue == RUNNING_RESYNC_SECONDS
+    done = passes(jobs=[trainer_job(obj, COMPLETE, succeeded=1)], pods=[pod("Succeeded")], claim=claim(obj))
+    assert done.status["state"] == "Succeeded" and reasons(done) == ["Succeeded"]
+
+
+def test_a_failure_after_a_finished_pod_is_not_hidden_by_it() -> None:
+    obj = ftj()
+    pods = [pod("Succeeded", T0), failed_pod(1, message="boom", created="2026-11-28T09:10:00Z", name="b")]
+    p = plan(observe(obj, jobs=[trainer_job(obj, failed=1)], pods=pods, claim=claim(obj)), NOW)
+    assert p.status["reason"] == "TrainerError" and "retrying" in cond(p.status, "Running")["message"]
+
+
+STAGES: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
+    ("job, no pod", [], {}),
+    ("pod pending", [pod("Pending")], {"active": 1}),
+    ("pod running", [pod("Running")], {"active": 1}),
+    ("pod done, job not complete", [pod("Succeeded")], {"succeeded": 1}),
+    ("job complete", [pod("Succeeded")], {"succeeded": 1, "conditions": COMPLETE}),
+]
+
+
+@pytest.mark.parametrize("repeat", [1, 2], ids=["once", "twice"])
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale"])
+@pytest.mark.parametrize("seen", [m for m in range(1, 32) if m & 1], ids=lambda m: f"{m:05b}")
+def test_any_subsequence_of_observations_moves_forward_only(seen: int, stale: bool, repeat: int) -> None:
+    """The operator may see any subset of a run's stages (passes are prompted by events, and a busy
+    operator merges them), each stage maybe twice, and may read a status one write behind (a cache
+    that has not seen its own last patch yet): the state written only moves forward, and each
+    transition is one event."""
+    obj = ftj()
+    written: list[dict[str, Any]] = [{}]
+    states, events = [], []
+    for i, (_, pods, status) in enumerate(STAGES):
+        if not seen & (1 << (len(STAGES) - 1 - i)):
+            continue
+        for _ in range(repeat):
+            conditions = status.get("conditions")
+            job = trainer_job(obj, conditions, **{k: v for k, v in status.items() if k != "conditions"})
+            read = written[-2] if stale and len(written) > 1 else written[-1]
+            p = plan(observe({**obj, "status": read}, jobs=[job], pods=pods, claim=claim(obj)), NOW)
+            written.append(p.status)
+            states.append(p.status["state"])
+            events += reasons(p)
+    ranks = [RANK[s] for s in states]
+    assert ranks == sorted(ranks), states
+    assert states[-1] == "Succeeded"
+    if not stale:
+        assert events.count("Started") <= 1 and events.count("Succeeded") == 1
+
+
+def test_a_restarted_operator_creates_nothing_for_a_run_in_progress() -> None:
+    """Killed mid-run (test_killing_the_operator_mid_run_creates_no_duplicate_job): the next operator's
+    first pass over the same cluster finds the run's objects and changes nothing."""
+    obj = ftj()
+    passes = Pass(obj)
+    passes(secret="present")
+    job = trainer_job(obj, active=1)
+    running = passes(jobs=[job], pods=[pod("Running")], claim=claim(obj))
+    again = passes(jobs=[job], pods=[pod("Running")], claim=claim(obj))
+    assert again.actions == [] and again.events == [] and again.status == running.status
+
+
+def test_a_metadata_edit_starts_no_new_run() -> None:
+    obj = ftj()
+    passes = Pass(obj)
+    job = trainer_job(obj, active=1)
+    running = passes(jobs=[job], pods=[pod("Running")], claim=claim(obj)).status
+    relabelled = ftj(generation=1, status=running)
+    relabelled["metadata"]["labels"] = {"team": "nlp"}
+    p = plan(observe(relabelled, jobs=[job], pods=[pod("Running")], claim=claim(obj)), NOW)
+    assert p.actions == [] and p.events == [] and p.status["jobName"] == running["jobName"]
+
+
+def test_a_spec_edit_is_a_new_run_in_its_own_folder_replaced_once() -> None:
+    old = ftj(training={"learningRate": 1e-4})
+    passes = Pass(old)
+    old_job = trainer_job(old, active=1)
+    first = passes(jobs=[old_job], pods=[pod("Running")], claim=claim(old)).status
+    passes.obj = {**ftj(generation=2), "status": first}
+    p = passes(jobs=[old_job], claim=claim(old))
+    assert reasons(p) == [] and [e.reason for a in p.actions if (e := getattr(a, "event", None))] == [
+        "RunReplaced",
+        "RunCreated",
+    ]
+    s = p.status
+    assert s["jobName"] != first["jobName"] and s["outputPath"] != first["outputPath"]
+    assert (s["state"], s["reason"]) == ("Pending", "Starting") and "progress" not in s
+    # The old Job is going away: not deleted (nor replaced) again.
+    going = {**old_job, "metadata": {**old_job["metadata"], "deletionTimestamp": T0}}
+    new_job = trainer_job(passes.obj)
+    again = passes(jobs=[going, new_job], claim=claim(old))
+    assert again.actions == [] and again.events == []
+
+
+def test_suspend_and_resume_without_kueue() -> None:
+    obj = ftj()
+    passes = Pass(obj)
+    job = trainer_job(obj, active=1)
+    passes(jobs=[job], pods=[pod("Running")], claim=claim(obj))
+    passes.obj = {**ftj(generation=2, runPolicy={"suspend": True}), "status": passes.obj["status"]}
+    p = passes(jobs=[job], pods=[pod("Running")], claim=claim(obj))
+    assert [a.patch for a in p.actions if isinstance(a, Patch)] == [{"spec": {"suspend": True}}]
+    assert p.status["state"] == "Suspended" and reasons(p) == ["Suspended"] and p.requeue is None
+    suspended = trainer_job(obj, suspend=True)
+    assert passes(jobs=[suspended], claim=claim(obj)).actions == []
+    passes.obj = {**ftj(generation=3), "status": passes.obj["status"]}
+    resumed = passes(jobs=[suspended], claim=claim(obj))
+    assert [a.patch for a in resumed.actions if isinstance(a, Patch)] == [{"spec": {"suspend": False}}]
+    back = passes(jobs=[trainer_job(obj, active=1)], pods=[pod("Running")], claim=claim(obj))
+    assert back.status["state"] == "Running" and reasons(back) == ["Started"]
+
+
+def test_kueue_suspending_an_admitted_run_queues_it_again_and_is_not_undone() -> None:
+    obj = ftj(runPolicy={"queueName": "gpus"})
+    passes = Pass(obj)
+    passes(jobs=[trainer_job(obj, suspend=False, active=1)], pods=[pod("Running")], claim=claim(obj))
+    p = passes(jobs=[trainer_job(obj, suspend=True)], claim=claim(obj))
+    assert not [a for a in p.actions if isinstance(a, Patch)]
+    assert (p.status["state"], p.status["reason"]) == ("Queued", "WaitingForAdmission")
+    assert reasons(p) == ["Queued"] and p.requeue is None
+
+
+def test_unschedulable_replacement_keeps_a_running_run_running() -> None:
+    obj = ftj()
+    stuck = pod(
+        "Pending",
+        name="demo-2",
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no gpu"}
+        ],
+    )
+    passes = Pass(obj)
+    passes(jobs=[trainer_job(obj)], pods=[pod("Running")], claim=claim(obj))
+    p = passes(jobs=[trainer_job(obj)], pods=[stuck], claim=claim(obj))
+    assert (p.status["state"], p.status["reason"]) == ("Running", "Unschedulable")
+    assert cond(p.status, "Scheduled")["status"] == "False" and reasons(p) == ["Unschedulable"]
+
+
+@pytest.mark.parametrize(
+    ("observed", "expected"),
+    [
+        ({"jobs": "plain"}, PENDING_RESYNC_SECONDS),  # Starting: pod events wake it anyway
+        ({"jobs": "plain", "pods": [pod("Running")]}, RUNNING_RESYNC_SECONDS),  # progress and ETA
+        ({"jobs": "suspended"}, None),  # a change of the Job wakes it
+        ({"jobs": "complete"}, None),
+        ({"jobs": "failed", "pods": [failed_pod(3)]}, None),
+        ({"secret": "missing"}, 10.0),  # back-off, from 10 s
+        ({"claim": "deleting"}, 5.0),
+    ],
+    ids=["starting", "running", "suspended", "succeeded", "failed", "secret-missing", "claim-deleting"],
+)
+def test_requeue_delays(observed: dict[str, Any], expected: float | None) -> None:
+    obj = ftj()
+    jobs = {
+        "plain": [trainer_job(obj)],
+        "suspended": [trainer_job(obj, suspend=True)],
+        "complete": [trainer_job(obj, COMPLETE)],
+        "failed": [trainer_job(obj, FAILED, failed=1)],
+    }
+    kw: dict[str, Any] = {"claim": claim(obj)}
+    if "jobs" in observed:
+        kw["jobs"] = jobs[observed["jobs"]]
+    if "pods" in observed:
+        kw["pods"] = observed["pods"]
+    if "secret" in observed:
+        kw = {"secret": "missing"}
+    if observed.get("claim") == "deleting":
+        kw = {"claim": claim(obj, deletionTimestamp=T0)}
+    if observed.get("jobs") == "suspended":
+        obj = ftj(runPolicy={"suspend": True})
+    assert plan(observe(obj, **kw), NOW).requeue == expected

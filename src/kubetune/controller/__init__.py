@@ -1,1 +1,0 @@
-"""The operator: reconciles FineTuneJobs into trainer Jobs (not named `operator`: that is a stdlib module)."""
