@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from kubetune_operator.cache import DEFAULT_WATCH_STALL_SECONDS
-from kubetune_operator.operator import DEFAULT_BURST, DEFAULT_QPS, DEFAULT_WORKERS
+from kubetune_operator.kube import DEFAULT_BURST, DEFAULT_QPS
+from kubetune_operator.operator import DEFAULT_WORKERS
 from kubetune_operator.operator import main as run
 
 

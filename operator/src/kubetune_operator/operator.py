@@ -40,7 +40,7 @@ from kubetune.policy import (
 )
 from kubetune.redact import install_process_redaction
 from kubetune_operator.cache import DEFAULT_WATCH_STALL_SECONDS, Cache, Informer, Key
-from kubetune_operator.kube import Fenced, Kube, describe_error, is_status
+from kubetune_operator.kube import DEFAULT_BURST, DEFAULT_QPS, Fenced, Kube, describe_error, is_status
 from kubetune_operator.leader import LeaderElector
 from kubetune_operator.plan import DEFAULT_IMAGE_PULL_GRACE_SECONDS
 from kubetune_operator.queue import WorkQueue
@@ -53,12 +53,6 @@ log = logging.getLogger("kubetune.operator")
 # Passes in parallel. Each pass reads the cache only, so a worker mostly waits on its writes: enough
 # workers to keep QPS busy on 2 cores (bench/operator.py), few enough that the GIL is not the queue.
 DEFAULT_WORKERS = 16
-# The client-side rate limit (--qps, --burst). A FineTuneJob's first pass sends about 6 requests (the
-# Secret check, the claim, the ConfigMap, the Job, an event, the status), all before the Jobs of the
-# FineTuneJobs queued behind it: 1,000 at once are about 6,000 requests, which the goal (every Job
-# within 20 s) needs at 300/s or more. The API server's own priority and fairness still protect it.
-DEFAULT_QPS = 500.0
-DEFAULT_BURST = 1000
 # Exit code of a start-up error (a flag that cannot work): the operator never started.
 EXIT_USAGE = 2
 

@@ -69,10 +69,12 @@ RUN_KINDS = ("Job", "Service", "ConfigMap")
 # again after this long, doubling to the most; the progress it would show waits that long.
 LOG_RETRY_MIN_SECONDS = 30.0
 LOG_RETRY_MAX_SECONDS = 600.0
-# The status fields whose change is written at once: the state and what explains it. Any other change
-# (a condition's message, a new condition that does not change the reason, startTime, the trainer's
-# progress) is a detail: it waits up to DETAIL_DELAY_SECONDS, so that the next state change carries it
-# in the same patch. One status write per state change, and a detail is shown at most that late.
+# The status fields whose change is written at once: the state and what explains it, and the trainer's
+# progress (what `kubectl get ftj` shows while it trains; it is read from the log at most every
+# plan.RUNNING_RESYNC_SECONDS, which bounds those writes). Any other change (a condition's message, a
+# new condition that does not change the reason, startTime) is a detail: it waits up to
+# DETAIL_DELAY_SECONDS, so that the next state change carries it in the same patch. One status write
+# per state change, and a detail is shown at most that late.
 SIGNIFICANT = (
     "state",
     "reason",
@@ -82,6 +84,11 @@ SIGNIFICANT = (
     "restarts",
     "preemptions",
     "completionTime",
+    "phase",
+    "progress",
+    "step",
+    "loss",
+    "eta",
 )
 DETAIL_DELAY_SECONDS = 15.0
 
