@@ -353,7 +353,8 @@ _HTTP_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
 
 def _needs(http: str, path: str) -> set[Need]:
     """The grants one request needs: `GET /apis/batch/v1/namespaces/{namespace}/jobs` is list on jobs.
-    A list also needs watch: the operator lists to start a watch from (its informers, Kube.stream)."""
+    A list also needs watch: the operator lists to start a watch from (its informers: Kube.list_page,
+    then Kube.watch)."""
     parts = path.strip("/").split("/")
     if len(parts) < 3:  # discovery (/api/, /apis/), which every client may read
         return set()

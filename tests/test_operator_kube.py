@@ -193,15 +193,11 @@ def obj(kind: str, api_version: str = "v1") -> dict[str, Any]:
 # Each call the operator makes, and how the API server (RBAC, audit, our metrics) names it.
 CALLS: list[tuple[str, Any, tuple[str, str]]] = [
     ("get_ftj", lambda k: k.get_ftj("team", "demo"), ("get", "finetunejobs")),
-    ("list_ftj", lambda k: k.list_ftj("team"), ("list", "finetunejobs")),
-    ("list_ftj all", lambda k: k.list_ftj(None), ("list", "finetunejobs")),
     (
         "patch_ftj_status",
         lambda k: k.patch_ftj_status("team", "demo", {"state": "Running"}),
         ("patch", "finetunejobs/status"),
     ),
-    ("list_jobs", lambda k: k.list_jobs("team", "a=b"), ("list", "jobs")),
-    ("list_pods", lambda k: k.list_pods("team", "a=b"), ("list", "pods")),
     ("get claim", lambda k: k.get("PersistentVolumeClaim", "team", "w"), ("get", "persistentvolumeclaims")),
     ("secret_exists", lambda k: k.secret_exists("team", "hf"), ("get", "secrets")),
     ("pod_log", lambda k: k.pod_log("team", "p", "trainer"), ("get", "pods/log")),
@@ -228,8 +224,16 @@ CALLS: list[tuple[str, Any, tuple[str, str]]] = [
         lambda k: k.event(FTJ, "Normal", "RunCreated", "m", "2026-01-01T00:00:00Z"),
         ("create", "events"),
     ),
-    ("list_config_map", lambda k: k.list_config_map("kt", "policy"), ("list", "configmaps")),
-    ("list_raw Pod all", lambda k: k.list_raw("Pod", None, "a=b"), ("list", "pods")),
+    (
+        "list_page policy ConfigMap",
+        lambda k: k.list_page("ConfigMap", "kt", None, field_selector="metadata.name=policy"),
+        ("list", "configmaps"),
+    ),
+    (
+        "list_page FineTuneJob team",
+        lambda k: k.list_page("FineTuneJob", "team", None),
+        ("list", "finetunejobs"),
+    ),
     ("list_page FineTuneJob", lambda k: k.list_page("FineTuneJob", None, None), ("list", "finetunejobs")),
     ("list_page Job", lambda k: k.list_page("Job", "team", "a"), ("list", "jobs")),
     ("list_page Pod", lambda k: k.list_page("Pod", None, "a"), ("list", "pods")),

@@ -148,6 +148,29 @@ def reconciler(kube: FakeKube, **kw: Any) -> Reconciler:
     return Reconciler(kube, cache, clock=lambda: NOW, **kw)  # type: ignore[arg-type]
 
 
+RUNNING = {
+    "phase": "Running",
+    "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2026-11-28T09:00:00Z"}}}],
+}
+SCHEDULED = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+
+
+def trainer_pod(run: str, status: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's pod of `run` on node gpu-0, as the Pod informer keeps it (spec.nodeName only)."""
+    return {
+        "metadata": {
+            "name": f"{run}-0-abcde",
+            "namespace": "ns",
+            "uid": "pod-uid",
+            "creationTimestamp": "2026-11-28T09:00:00Z",
+            "labels": {LABEL_RUN: run, LABEL_JOB: "demo"},
+            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+        },
+        "spec": {"nodeName": "gpu-0"},
+        "status": copy.deepcopy(status),
+    }
+
+
 def cond_of(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in status.get("conditions") or [] if c["type"] == kind)
 
@@ -355,20 +378,7 @@ def test_progress_comes_from_rank_0s_log_and_an_unreadable_log_is_quiet(
     kube = FakeKube(ftj())
     settle(reconciler(kube))
     run = kube.ftj["status"]["jobName"]
-    running = {"running": {"startedAt": "2026-11-28T09:00:00Z"}}
-    kube.pods = [
-        {
-            "metadata": {
-                "name": f"{run}-0-abcde",
-                "namespace": "ns",
-                "uid": "pod-uid",
-                "creationTimestamp": "2026-11-28T09:00:00Z",
-                "labels": {LABEL_RUN: run, LABEL_JOB: "demo"},
-                "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
-            },
-            "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": running}]},
-        }
-    ]
+    kube.pods = [trainer_pod(run, RUNNING)]
     kube.log = progress_line({"state": "Training", "step": 5, "total_steps": 10, "loss": 2.0}) + "\n"
     assert settle(reconciler(kube)) == 10.0
     assert ("log", f"{run}-0-abcde", "trainer") in kube.calls
@@ -389,20 +399,7 @@ def test_a_pod_whose_log_cannot_be_read_is_asked_again_after_a_growing_pause() -
     r = Reconciler(kube, sync(Cache(kube), kube), clock=lambda: NOW, monotonic=lambda: now[0])  # type: ignore[arg-type]
     settle(r)
     run = kube.ftj["status"]["jobName"]
-    running = {"running": {"startedAt": "2026-11-28T09:00:00Z"}}
-    kube.pods = [
-        {
-            "metadata": {
-                "name": f"{run}-0-abcde",
-                "namespace": "ns",
-                "uid": "pod-uid",
-                "creationTimestamp": "2026-11-28T09:00:00Z",
-                "labels": {LABEL_RUN: run, LABEL_JOB: "demo"},
-                "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
-            },
-            "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": running}]},
-        }
-    ]
+    kube.pods = [trainer_pod(run, RUNNING)]
     sync(r.cache, kube)
     kube.log = api_error(500, "no preferred addresses found; known addresses: []")
 
@@ -431,18 +428,7 @@ def test_a_detail_waits_for_the_next_state_change_but_not_for_ever() -> None:
     settle(r)
     assert [p["state"] for p in kube.status_patches] == ["Pending"]
     run = kube.ftj["status"]["jobName"]
-    pod: dict[str, Any] = {
-        "metadata": {
-            "name": f"{run}-0-abcde",
-            "namespace": "ns",
-            "uid": "pod-uid",
-            "creationTimestamp": "2026-11-28T09:00:00Z",
-            "labels": {LABEL_RUN: run, LABEL_JOB: "demo"},
-            "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
-        },
-        "spec": {"nodeName": "gpu-0"},
-        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]},
-    }
+    pod = trainer_pod(run, SCHEDULED)
     kube.pods = [pod]
     sync(r.cache, kube)
     again = settle(r)  # scheduled: a condition more, the same state and reason
@@ -450,12 +436,7 @@ def test_a_detail_waits_for_the_next_state_change_but_not_for_ever() -> None:
     now[0] += 2
     assert settle(r) == DETAIL_DELAY_SECONDS - 2 and len(kube.status_patches) == 1
     # The trainer starts: the state changes, and one patch carries both.
-    pod["status"] = {
-        "phase": "Running",
-        "containerStatuses": [
-            {"name": "trainer", "state": {"running": {"startedAt": "2026-11-28T09:00:00Z"}}}
-        ],
-    }
+    pod["status"] = copy.deepcopy(RUNNING)
     sync(r.cache, kube)
     settle(r)
     assert [p["state"] for p in kube.status_patches] == ["Pending", "Running"]
@@ -470,9 +451,7 @@ def test_a_detail_waits_for_the_next_state_change_but_not_for_ever() -> None:
     later = [0.0]
     r = Reconciler(other, sync(Cache(other), other), clock=lambda: NOW, monotonic=lambda: later[0])  # type: ignore[arg-type]
     settle(r)
-    other.pods = [
-        {**pod, "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
-    ]
+    other.pods = [trainer_pod(run, SCHEDULED)]
     sync(r.cache, other)
     assert settle(r) == DETAIL_DELAY_SECONDS and len(other.status_patches) == 1
     later[0] += DETAIL_DELAY_SECONDS

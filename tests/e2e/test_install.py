@@ -372,7 +372,8 @@ def test_operator_with_the_charts_credentials_runs_a_job_to_success(
     # The chart's default grant is cluster-wide: the operator may list (and watch) everywhere. Here it
     # watches one namespace only, so it never touches other tests' FineTuneJobs.
     for kind, selector in (("FineTuneJob", None), ("Job", MANAGED), ("Pod", MANAGED)):
-        assert "items" in kube.list_raw(kind, None, selector)
+        items, _, _ = kube.list_page(kind, None, selector)
+        assert isinstance(items, list)
     # The policy ConfigMap too, as the Deployment's --policy-configmap says: listed and watched by name.
     policy = (release.namespace, f"{release.service_account}-policy")
     op = Operator(kube, namespace=ns, workers=2, policy_configmap=policy).start()

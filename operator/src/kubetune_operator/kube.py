@@ -382,10 +382,6 @@ class Kube:
                 return None
             raise
 
-    def list_ftj(self, namespace: str | None, **kwargs: Any) -> dict[str, Any]:
-        func, args = self._lister("FineTuneJob", namespace)
-        return _json(func(*args, _preload_content=False, **kwargs))  # type: ignore[no-any-return]
-
     def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """A JSON merge patch of the status subresource; the FineTuneJob as it is now (its new
         resourceVersion tells the cache that the event this write causes is our own)."""
@@ -402,14 +398,6 @@ class Kube:
         return _json(resp)  # type: ignore[no-any-return]
 
     # Children ------------------------------------------------------------------------------------------
-
-    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
-        return list(_json(resp)["items"])
-
-    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        return list(_json(resp)["items"])
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         read = {"PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim}[kind]
@@ -540,15 +528,6 @@ class Kube:
             raise
         return True
 
-    # The policy ConfigMap (kubetune.policy): listed and watched by name, a metadata.name field
-    # selector, so that RBAC can grant list and watch on that one object (resourceNames).
-
-    def list_config_map(self, namespace: str, name: str) -> dict[str, Any]:
-        resp = self.core.list_namespaced_config_map(
-            namespace, field_selector=f"metadata.name={name}", _preload_content=False
-        )
-        return _json(resp)  # type: ignore[no-any-return]
-
     # Lists and watches, for the cache ------------------------------------------------------------------
 
     def _lister(self, kind: str, namespace: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -639,27 +618,3 @@ class Kube:
                 self._watches.discard(w)
             w.stop()
             events.close()
-
-    def stream(
-        self,
-        kind: str,
-        namespace: str | None,
-        selector: str | None,
-        resource_version: str,
-        timeout: int,
-        field_selector: str | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """`watch`, with the server-side timeout given (the older spelling)."""
-        return self.watch(
-            kind,
-            namespace,
-            selector,
-            resource_version,
-            field_selector=field_selector,
-            timeout_seconds=timeout,
-        )
-
-    def list_raw(self, kind: str, namespace: str | None, selector: str | None) -> dict[str, Any]:
-        """A whole list, unpaginated, as the API server sends it (the older spelling of `list_page`)."""
-        func, args = self._lister(kind, namespace)
-        return _json(func(*args, _preload_content=False, **self._selectors(selector, None)))  # type: ignore[no-any-return]

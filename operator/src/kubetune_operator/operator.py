@@ -85,6 +85,8 @@ class Operator:
             self._policy_read.set()
         else:
             ns, name = policy_configmap
+            # Listed and watched by name (a metadata.name field selector), so that RBAC can grant list
+            # and watch on that one object (resourceNames).
             self._policy_informer = Informer(
                 kube,
                 "ConfigMap",
