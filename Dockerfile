@@ -135,7 +135,10 @@ ENV PATH=/opt/venv/bin:${PATH} \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    HOME=/home/kubetune
+    HOME=/home/kubetune \
+    HF_HOME=/tmp/huggingface
+# HF_HOME: the fit check's config.json cache, on the Deployment's /tmp emptyDir (the root filesystem is
+# read-only).
 WORKDIR /home/kubetune
 # Numeric, so that a Pod's runAsNonRoot can check it without resolving a name.
 USER 1000:1000

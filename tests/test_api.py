@@ -64,8 +64,9 @@ def test_block_size_turns_packing_on() -> None:
     t = FineTuneJobSpec.model_validate(
         {**MINIMAL, "training": {"maxSeqLength": 2048, "blockSize": 512}}
     ).training
-    assert t.uses_packing and t.effective_block_size() == 512
-    assert FineTuneJobSpec.model_validate(MINIMAL).training.effective_block_size() == 512
+    assert t.effective_packing() == "wrapped" and t.effective_block_size() == 512
+    default = FineTuneJobSpec.model_validate(MINIMAL).training
+    assert default.effective_block_size() == 512 and default.effective_packing() == "none"
 
 
 def test_save_and_eval_steps_resolve() -> None:
@@ -108,7 +109,13 @@ def test_values_are_typed_as_the_api_server_types_them() -> None:
     for bad in ({"maxSteps": "5"}, {"maxSteps": True}, {"maxSteps": 5.5}, {"maxSteps": 2**63}):
         with pytest.raises(ValidationError):
             training(**bad)
-    for bad in ({"learningRate": "0.1"}, {"learningRate": math.nan}, {"packing": "true"}, {"packing": 1}):
+    for bad in (
+        {"learningRate": "0.1"},
+        {"learningRate": math.nan},
+        {"packing": "true"},
+        {"packing": 1},
+        {"packing": True},
+    ):
         with pytest.raises(ValidationError):
             training(**bad)
 

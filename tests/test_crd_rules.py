@@ -279,6 +279,10 @@ RULE_SAMPLES: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, A
         [{"blockSize": 512}, {"blockSize": 1024, "maxSeqLength": 1024}],
         [{"blockSize": 1024}, {"blockSize": 256, "maxSeqLength": 128}],
     ),
+    ("TrainingSpec", "blockSize is the length of wrapped blocks"): (
+        [{"blockSize": 256}, {"blockSize": 256, "packing": "wrapped"}, {"packing": "bfd"}],
+        [{"blockSize": 256, "packing": "bfd"}, {"blockSize": 256, "packing": "none"}],
+    ),
     ("TrainingSpec", "saveSteps must be a multiple"): (
         [
             {"earlyStoppingPatience": 2, "saveSteps": 100, "evalSteps": 50},

@@ -162,6 +162,18 @@ CASES = [
         "blockSize cannot exceed",
     ),
     (
+        "packing-boolean",
+        _set("spec.training.packing", True),
+        "spec.training.packing",
+        "packing is no longer true/false: set none (was false), wrapped (was true",
+    ),
+    (
+        "block-size-with-bfd",
+        _both(_set("spec.training.packing", "bfd"), _set("spec.training.blockSize", 256)),
+        "spec.training",
+        "blockSize is the length of wrapped blocks",
+    ),
+    (
         "storage-claim-and-ephemeral",
         _both(_set("spec.storage.claimName", "shared"), _set("spec.storage.ephemeral", True)),
         "spec.storage",

@@ -59,18 +59,23 @@ def test_job_requests_gpus_and_lands_on_gpu_nodes() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    ignore, checkpointed, fail_fast = rendered["spec"]["podFailurePolicy"]["rules"]
+    ignore, *by_exit_code = rendered["spec"]["podFailurePolicy"]["rules"]
     # Preemption is not a failure, nor a trainer that checkpointed on SIGTERM (a suspend); errors a
-    # retry cannot fix end the run at once.
+    # retry cannot fix end the run at once, from the trainer or from the prepare init container.
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    assert checkpointed == {
-        "action": "Ignore",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
-    }
-    assert fail_fast == {
-        "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": list(FAIL_FAST_EXIT_CODES)},
-    }
+    assert by_exit_code == [
+        {"action": action, "onExitCodes": {"containerName": name, "operator": "In", "values": values}}
+        for action, values in (("Ignore", [143]), ("FailJob", list(FAIL_FAST_EXIT_CODES)))
+        for name in ("trainer", "prepare")
+    ]
+    # The prepare init container: the trainer's image, environment and CPU/memory, no GPU.
+    [prepare] = pod["initContainers"]
+    assert prepare["name"] == "prepare" and prepare["command"] == ["python", "-m", "kubetune.trainer.prepare"]
+    assert prepare["image"] == container["image"] and prepare["env"] == container["env"]
+    assert "nvidia.com/gpu" not in prepare["resources"]["requests"]
+    assert "nvidia.com/gpu" not in prepare["resources"]["limits"]
+    assert {m["name"] for m in prepare["volumeMounts"]} == {"spec", "workspace"}
+    assert prepare["terminationMessagePath"] == container["terminationMessagePath"]
 
 
 def test_token_only_through_secret_key_ref() -> None:

@@ -88,6 +88,7 @@ def test_recipe_training_arguments() -> None:
         "report_to": "none",
         "eval_strategy": "no",
         "packing": False,
+        "padding_free": False,
         "use_cpu": False,
     }
     assert {k: kw[k] for k in expected} == expected
@@ -222,14 +223,25 @@ def test_fsdp_qlora_sets_quant_storage() -> None:
     assert kw is not None and kw["bnb_4bit_quant_storage"] == "bfloat16"
 
 
-def test_packing_block_size() -> None:
-    assert cfg.packing_block_size(make_spec()) is None
-    assert cfg.packing_block_size(make_spec(training={"packing": True, "maxSeqLength": 1024})) == 1024
-    spec = make_spec(training={"blockSize": 512, "maxSeqLength": 2048})
-    assert cfg.packing_block_size(spec) == 512
-    # Rows are truncated to maxSeqLength by TRL; kubetune packs the blocks itself.
+@pytest.mark.parametrize(
+    ("training", "packing", "sampling"),
+    [
+        ({}, "none", "group_by_length"),  # the Guanaco recipe: padded batches of similar length
+        ({"groupByLength": False}, "none", "random"),
+        ({"blockSize": 512}, "wrapped", "group_by_length"),  # AutoTrain: blockSize alone means wrapped
+        ({"packing": "wrapped"}, "wrapped", "group_by_length"),
+        ({"packing": "bfd"}, "bfd", "random"),  # full bins: grouping them would only sort the data
+    ],
+)
+def test_packing_sft_kwargs(training: dict[str, Any], packing: str, sampling: str) -> None:
+    spec = make_spec(training={"maxSeqLength": 2048, **training})
+    assert spec.training.effective_packing() == packing
     kw = cfg.sft_config_kwargs(spec, "o", has_eval=False, hw=CPU)
-    assert kw["max_length"] == 2048 and kw["packing"] is False
+    # kubetune packs (kubetune.trainer.packing) and collates bfd itself: TRL neither packs nor goes
+    # padding-free (it would refuse kubetune's collator), and rows are truncated to maxSeqLength.
+    assert kw["max_length"] == 2048 and kw["packing"] is False and kw["padding_free"] is False
+    assert kw["train_sampling_strategy"] == sampling
+    assert not hasattr(cfg, "packing_block_size")
 
 
 # --------------------------------------------------------------------------------------------------

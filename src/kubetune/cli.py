@@ -16,6 +16,7 @@ from types import FrameType
 import click
 
 from kubetune import __version__
+from kubetune.contract import ENV_PREPARE_NUM_PROC
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,14 +107,102 @@ def schema() -> None:
     click.echo(render_schema_json(), nl=False)
 
 
-def _local_gpus() -> int:
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--gpu-type", default=None, help="A nvidia.com/gpu.product value (default: resources.gpuType).")
+@click.option("--gpu-memory", default=None, help="GPU memory instead of the table's, e.g. 24GiB or 23028MiB.")
+@click.option("--dataset-tokens", type=int, default=None, help="Tokens in one epoch, for the epoch time.")
+def plan(
+    file: str, output: str, gpu_type: str | None, gpu_memory: str | None, dataset_tokens: int | None
+) -> None:
+    """Estimate FILE's peak GPU memory per GPU, tokens per step and time per step, before submitting it.
+
+    Reads the model's config.json alone (model.path, or model.id from the Hub with HF_TOKEN or the
+    `hf auth login` token); counts parameters exactly on the meta device where transformers is installed.
+    Exit code 0 when the job fits its GPU (or none is named), 1 when it does not, 2 when it cannot be
+    planned.
+    """
+    import json
+
+    from kubetune import contract
+    from kubetune import plan as planner
+    from kubetune.api.load import InvalidJob, load_job
+    from kubetune.redact import redact
+    from kubetune.trainer.spec import base_dir
+
     try:
-        import torch
+        job = load_job(file)
+    except InvalidJob as e:
+        for problem in e.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(2)
+    try:
+        memory = planner.parse_memory(gpu_memory) if gpu_memory else None
+        report = planner.plan_job(
+            job,
+            base_dir(Path(file)),
+            gpu_type=gpu_type,
+            gpu_memory=memory,
+            token=os.environ.get(contract.ENV_HF_TOKEN) or None,
+            dataset_tokens=dataset_tokens,
+        )
+    except (planner.PlanError, ValueError) as e:
+        click.echo(f"kubetune: cannot plan {file}: {redact(str(e))}", err=True)
+        sys.exit(2)
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console(width=max(100, Console().width)).print(planner.render(report))
+    if report.gated and not report.fits:
+        target, est = report.targets[0], report.estimates[0]
+        why = planner.unfit_message(est, target.memory_bytes, target.source)
+        click.echo(f"kubetune: {job.metadata.name} does not fit: {why}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--num-proc",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Tokenizing processes (default: ${ENV_PREPARE_NUM_PROC}, else one per CPU).",
+)
+def prepare(file: str, num_proc: int | None) -> None:
+    """Load, clean, tokenize and pack FILE's data into the prepared-data cache, as the cluster's
+    `prepare` init container does; the trainer then only loads it.
+
+    The cache is $KUBETUNE_PREPARED_DIR, else ~/.cache/kubetune/prepared (in the cluster: the
+    workspace's .cache/kubetune/prepared); an unchanged input is a cache hit. Exit codes are the
+    trainer's (2 invalid spec, 3 dataset error, ...).
+    """
+    try:
+        from kubetune.trainer.prepare import main as prepare_main
     except ImportError:
         raise click.ClickException(
             "the trainer is not installed: pip install 'kubetune[trainer]' (or run `make demo`)"
         ) from None
-    return int(torch.cuda.device_count())
+    sys.exit(prepare_main(["--spec", file, *(["--num-proc", str(num_proc)] if num_proc else [])]))
+
+
+def _local_gpus(requested: int | None) -> tuple[int, str]:
+    """GPUs for a local run and where the number came from: --gpus, or those visible here, counted without
+    importing torch (1-2 s the CLI need not pay: the trainer imports it and picks its device itself)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise click.ClickException(
+            "the trainer is not installed: pip install 'kubetune[trainer]' (or run `make demo`)"
+        )
+    if requested is not None:
+        return requested, "--gpus"
+    from kubetune.gpus import count_gpus
+
+    found = count_gpus()
+    return found.count, found.source
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -174,7 +263,13 @@ def run_forwarding_signals(argv: list[str], env: dict[str, str]) -> int:
     help="Output folder (default: out/<job name>); the run writes to <output>/runs/<name>-<spec hash>/. "
     "Rerunning the same spec resumes from its last checkpoint.",
 )
-@click.option("--gpus", type=int, default=None, help="GPUs to use (default: all visible; 0 = CPU).")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs to use, one process each (default: those visible, counted by nvidia-smi or the driver's "
+    "/proc folder under CUDA_VISIBLE_DEVICES; 0 = the CPU, even where there are GPUs).",
+)
 def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
     """Run the trainer on FILE, exactly as a cluster Job would.
 
@@ -199,7 +294,7 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
         folder = run_dir(out, run_name(job))
     except SpecError as e:
         raise click.ClickException(str(e)) from None
-    count = _local_gpus() if gpus is None else gpus
+    count, source = _local_gpus(gpus)
     env = {
         **os.environ,
         contract.ENV_SPEC: str(Path(file).resolve()),
@@ -207,11 +302,23 @@ def run(file: str, local: bool, output: str | None, gpus: int | None) -> None:
         contract.ENV_GPUS_PER_NODE: str(count),
         contract.ENV_DISTRIBUTED: job.spec.training.distributed,
     }
+    if gpus == 0:  # the CPU, even where torch sees a GPU (the trainer reads accelerate's variable)
+        env["ACCELERATE_USE_CPU"] = "true"
     argv = accelerate_argv(env, ["--output", str(out)])
     # Use this interpreter and the launcher beside it (a venv's bin/ need not be on PATH).
     argv[0] = sys.executable if argv[0] == "python" else str(Path(sys.executable).with_name(argv[0]))
-    click.echo(f"kubetune: training {job.metadata.name} on {count or 'no'} GPU(s)", err=True)
+    click.echo(f"kubetune: training {job.metadata.name} on {count or 'no'} GPU(s) ({source})", err=True)
     click.echo(f"kubetune: run folder: {folder}", err=True)
+    # Several training processes: the data first, in a process of its own; they then only load it. A
+    # lone trainer prepares it itself, first thing (the same cached step): a process for it alone would
+    # import torch, transformers and datasets once more (bench/startup_train.py).
+    if count > 1:
+        prepare_argv = [sys.executable, "-m", "kubetune.trainer.prepare", "--spec", env[contract.ENV_SPEC]]
+        code = run_forwarding_signals(prepare_argv, env)
+        if code != contract.Exit.OK:
+            reason = contract.REASON_BY_EXIT.get(code, "error")
+            click.echo(f"kubetune: preparing the data failed (exit code {code}, {reason})", err=True)
+            sys.exit(code)
     code = run_forwarding_signals(argv, env)
     if code == contract.Exit.OK:
         click.echo(f"kubetune: done: {folder}", err=True)

@@ -40,6 +40,10 @@ ENV_MASTER_PORT = "KUBETUNE_MASTER_PORT"
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # where the trainer writes its termination message
 ENV_GIT_COMMIT = "KUBETUNE_GIT_COMMIT"
 ENV_HF_TOKEN = "HF_TOKEN"
+# The prepared-data cache (kubetune.trainer.prepare; default: $KUBETUNE_WORKDIR/.cache/kubetune/prepared)
+# and the number of tokenizing processes (default: one per CPU).
+ENV_PREPARED_DIR = "KUBETUNE_PREPARED_DIR"
+ENV_PREPARE_NUM_PROC = "KUBETUNE_PREPARE_NUM_PROC"
 # Set by Kubernetes in every pod of an Indexed Job (also as the annotation): the pod's machine rank.
 ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -98,6 +102,9 @@ REASON_BY_EXIT: dict[int, str] = {
 # non-zero exit): an unexpected error (Exit.ERROR, retried) and a preemption (Exit.PREEMPTED).
 REASON_UNEXPECTED = "UnexpectedError"
 REASON_PREEMPTED = "Preempted"
+# The operator's refusal of a run that cannot fit the memory of its GPU (kubetune.plan's estimate against
+# the nodes' nvidia.com/gpu.memory label or the gpuType table): nothing is created.
+REASON_UNFIT = "Unfit"
 
 # The kubelet keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_MAX = 4096

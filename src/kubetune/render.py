@@ -11,6 +11,7 @@ that cross into the trainer are kubetune.contract's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import posixpath
@@ -50,6 +51,10 @@ from kubetune.contract import (
 
 DEFAULT_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 CONTAINER = "trainer"
+# The init container that tokenizes the data into the workspace's cache before the trainer starts
+# (kubetune.trainer.prepare): no training process waits on it under a collective's timeout.
+PREPARE_CONTAINER = "prepare"
+PREPARE_COMMAND = ["python", "-m", "kubetune.trainer.prepare"]
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Time for the trainer to write a checkpoint after SIGTERM (preemption, suspend, spec edit).
@@ -292,6 +297,19 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    # The same image, environment (Hub token, HF_HOME), spec and workspace; CPU and memory alike, no GPU
+    # (the pod's request is the larger of an init container's and the containers' sum, so this adds
+    # nothing). It exits with the trainer's codes and termination message (a DatasetError fails fast).
+    prepare = {
+        **copy.deepcopy(container),  # its own objects: shared ones would be YAML anchors
+        "name": PREPARE_CONTAINER,
+        "command": list(PREPARE_COMMAND),
+        "resources": {
+            "requests": {k: v for k, v in requests.items() if k != GPU_RESOURCE},
+            "limits": {k: v for k, v in requests.items() if k != GPU_RESOURCE},
+        },
+        "volumeMounts": [dict(m) for m in container["volumeMounts"] if m["name"] in ("spec", "workspace")],
+    }
     if res.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
@@ -313,6 +331,7 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
             "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "initContainers": [prepare],
         "containers": [container],
         "volumes": [
             {"name": "spec", "configMap": {"name": name}},
@@ -345,24 +364,21 @@ def render_job(job: FineTuneJob, image: str | None = None) -> dict[str, Any]:
                 # Nor is a trainer that saved a checkpoint on SIGTERM and exited (Exit.PREEMPTED): a pod
                 # deleted by a suspend, or stopped without a DisruptionTarget condition. Counted, these
                 # would use up runPolicy.backoffLimit (a suspend per retry) without anything failing.
-                {
-                    "action": "Ignore",
-                    "onExitCodes": {
-                        "containerName": CONTAINER,
-                        "operator": "In",
-                        "values": [int(Exit.PREEMPTED)],
-                    },
-                },
+                # (143 from the prepare container: SIGTERM while tokenizing; the next pod prepares again.)
                 # Errors a retry cannot fix (invalid spec, bad dataset, missing Secret, CUDA out of
-                # memory, ...) end the run at once instead of using up runPolicy.backoffLimit.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER,
-                        "operator": "In",
-                        "values": [int(c) for c in FAIL_FAST_EXIT_CODES],
-                    },
-                },
+                # memory, ...) end the run at once instead of using up runPolicy.backoffLimit. A rule's
+                # containerName may name an init container, so each rule is there for both.
+                *(
+                    {
+                        "action": action,
+                        "onExitCodes": {"containerName": name, "operator": "In", "values": list(values)},
+                    }
+                    for action, values in (
+                        ("Ignore", [int(Exit.PREEMPTED)]),
+                        ("FailJob", [int(c) for c in FAIL_FAST_EXIT_CODES]),
+                    )
+                    for name in (CONTAINER, PREPARE_CONTAINER)
+                ),
             ]
         },
         "template": {"metadata": _pod_metadata(job), "spec": pod_spec},

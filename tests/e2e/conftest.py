@@ -23,6 +23,9 @@ from controlplane import ControlPlane, ControlPlaneError, build, is_built, poll,
 from node import RealNode, VolumeProvisioner
 
 SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
+# The operator's fit check fetches config.json from the Hub; no e2e test may reach the real one (the
+# fit tests start their operator with a stand-in Hub and this unset).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 E2E_DIR = Path(__file__).resolve().parent
 
 

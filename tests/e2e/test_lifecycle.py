@@ -220,6 +220,16 @@ def test_tiny_qlora_run_goes_all_the_way(run: Run, operator: Operator) -> None:
     assert "learningRate: 0.003" in card or "learning_rate: 0.003" in card, card[:2000]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 300 and metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+    # The pod's prepare init container tokenized the data into the workspace; the trainer only loaded it.
+    [done] = [p for p in run.pods("tiny") if p["status"].get("phase") == "Succeeded"]
+    [init] = done["status"]["initContainerStatuses"]
+    assert init["name"] == "prepare" and init["state"]["terminated"]["exitCode"] == 0, init
+    prepare_log = run.node.logs(run.ns, done["metadata"]["name"], container="prepare")
+    trainer_log = run.node.logs(run.ns, done["metadata"]["name"], container="trainer")
+    assert "data: prepared " in prepare_log, prepare_log[-2000:]
+    key = prepare_log.split("data: prepared ")[1].split()[0]
+    assert f"data: cache hit {key} " in trainer_log and "data: prepared" not in trainer_log, trainer_log
+    assert metrics["prepared"] == {**metrics["prepared"], "key": key, "cache_hit": True}
     if lags:
         record(
             "log_to_column_seconds",

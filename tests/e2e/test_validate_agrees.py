@@ -80,6 +80,11 @@ def _cases() -> list[Case]:
         ("bool-off", "spec.model.trustRemoteCode", "off"),
         ("bool-1", "spec.model.trustRemoteCode", "1"),
         ("bool-True", "spec.model.trustRemoteCode", "True"),
+        # Enums (training.packing was a boolean before bfd).
+        ("packing-true", "spec.training.packing", "true"),
+        ("packing-quoted-true", "spec.training.packing", '"true"'),
+        ("packing-bfd", "spec.training.packing", "bfd"),
+        ("packing-BFD", "spec.training.packing", "BFD"),
         # Strings (dataset.revision).
         ("str-date", "spec.dataset.revision", "2024-01-01"),
         ("str-number", "spec.dataset.revision", "1234"),

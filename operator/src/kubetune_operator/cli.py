@@ -53,6 +53,12 @@ from kubetune_operator.operator import main as run
     help="Check that the Hub token Secret exists (metadata only) before creating a run.",
 )
 @click.option(
+    "--fit-check/--no-fit-check",
+    default=True,
+    show_default=True,
+    help="Refuse a GPU run that cannot fit the memory of its GPU (Unfit) before creating it.",
+)
+@click.option(
     "--policy-configmap",
     default=None,
     metavar="NAMESPACE/NAME",

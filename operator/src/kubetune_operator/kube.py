@@ -61,7 +61,7 @@ RETRIES = Retry(total=4, connect=3, read=1, status=0, redirect=0, other=0)
 # Client-side rate limit, as client-go's (QPS, burst; the operator's --qps, --burst): a safety net
 # against a runaway loop, never the bottleneck. A burst of 1,000 FineTuneJobs sends about 3,000
 # requests before the last Job exists and 10,000 over their lives; the API server of the 2-core bench
-# answers about 250/s (bench/operator.py), below this. Its own priority and fairness protect it beyond.
+# answers about 250/s (bench/operator_scale.py), below this. Its own priority and fairness protect it beyond.
 DEFAULT_QPS = 500.0
 DEFAULT_BURST = 1000
 

@@ -15,6 +15,10 @@ With a policy ConfigMap (`--policy-configmap NS/NAME`, kubetune.policy), one mor
 for the reconciler, which checks every new run against them; when they change, the FineTuneJobs they
 stopped (PolicyViolation, PolicyUnavailable) are looked at again. Workers start once it has been read.
 
+Before a GPU run's Job is created, kubetune_operator.fit checks that it fits its GPU's memory (`Unfit`
+otherwise; --no-fit-check turns it off); a model's config.json is fetched in the background, and its
+arrival wakes the FineTuneJobs that waited for it.
+
 Start-up errors (a busy or malformed --health-addr / --metrics-addr, a bad --policy-configmap, a
 kubeconfig that cannot be loaded) are one line and exit code 2, before any request to a cluster (`main`).
 """
@@ -26,6 +30,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from kubetune.contract import LABEL_JOB
@@ -40,6 +45,7 @@ from kubetune.policy import (
 )
 from kubetune.redact import install_process_redaction
 from kubetune_operator.cache import DEFAULT_WATCH_STALL_SECONDS, Cache, Informer, Key
+from kubetune_operator.fit import FitChecker
 from kubetune_operator.kube import DEFAULT_BURST, DEFAULT_QPS, Fenced, Kube, describe_error, is_status
 from kubetune_operator.leader import LeaderElector
 from kubetune_operator.plan import DEFAULT_IMAGE_PULL_GRACE_SECONDS
@@ -51,7 +57,7 @@ from kubetune_operator.status import job_finished
 log = logging.getLogger("kubetune.operator")
 
 # Passes in parallel. Each pass reads the cache only, so a worker mostly waits on its writes: enough
-# workers to keep QPS busy on 2 cores (bench/operator.py), few enough that the GIL is not the queue.
+# workers to keep QPS busy on 2 cores (bench/operator_scale.py), few enough that the GIL is not the queue.
 DEFAULT_WORKERS = 16
 # Exit code of a start-up error (a flag that cannot work): the operator never started.
 EXIT_USAGE = 2
@@ -69,6 +75,7 @@ class Operator:
         secret_precheck: bool = True,
         policy_configmap: tuple[str, str] | None = None,
         watch_stall_seconds: float = DEFAULT_WATCH_STALL_SECONDS,
+        fit_check: bool = True,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -97,6 +104,9 @@ class Operator:
                 on_error=self._policy_failed,
             )
             self.informers.append(self._policy_informer)
+        # Whether a new GPU run fits its GPU: a fetch of a model's config.json that ends wakes the
+        # FineTuneJobs that waited for it.
+        self.fit = FitChecker(kube, on_ready=self._fit_ready) if fit_check else None
         self.reconciler = Reconciler(
             kube,
             self.cache,
@@ -104,6 +114,7 @@ class Operator:
             image_pull_grace=image_pull_grace,
             secret_precheck=secret_precheck,
             policy=(lambda: self._policy) if policy_configmap is not None else None,
+            fit=self.fit,
         )
         self.queue = WorkQueue()
         self._stop = threading.Event()
@@ -167,6 +178,8 @@ class Operator:
         self._stop.set()
         self.queue.shutdown()
         self.cache.stop()  # ends the watches now, wherever they wait
+        if self.fit is not None:
+            self.fit.stop()
         # Workers finish their current pass.
         for t in self._threads:
             if t.name.startswith("worker-"):
@@ -263,6 +276,10 @@ class Operator:
         urgent = kind == "Job" and new is not None and job_finished(new) and not (old and job_finished(old))
         if namespace and name:
             self.queue.add((str(namespace), str(name)), urgent=urgent)
+
+    def _fit_ready(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.queue.add(key)
 
     # The policy ConfigMap: its limits, kept for the reconciler ---------------------------------------
 
@@ -403,6 +420,7 @@ def main(
     qps: float = DEFAULT_QPS,
     burst: int = DEFAULT_BURST,
     watch_stall_seconds: float = DEFAULT_WATCH_STALL_SECONDS,
+    fit_check: bool = True,
 ) -> int:
     """Run the operator until SIGTERM; the exit code. A start-up error is one log line and EXIT_USAGE,
     before any request to the API server: flags first, then both ports, then the client."""
@@ -450,6 +468,7 @@ def main(
             secret_precheck=secret_precheck,
             policy_configmap=policy,
             watch_stall_seconds=watch_stall_seconds,
+            fit_check=fit_check,
         )
         return op.run_forever(health_addr=health_addr, metrics_addr=metrics_addr, elector=elector)
     except (StartupError, AddrError) as e:
@@ -486,5 +505,8 @@ def setup_logging(fmt: str) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    # The fit check's fetches (kubetune_operator.fit): huggingface_hub's retry warnings are noise, the
+    # outcome is one line of ours.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     # No secret in any log line, this logger's or a library's (kubernetes, urllib3), nor in a traceback.
     install_process_redaction(log.name)

@@ -11,7 +11,9 @@ What a pass makes true, in this order:
    (ImagePullFailed) is deleted, so that it holds no GPU;
 3. before a run's objects are created, the spec is within the policy's limits (kubetune.policy; else
    Failed/PolicyViolation, nothing created, decided again on every pass, so a change of the spec or of
-   the limits is seen), its Hub token Secret exists (else Pending/SecretMissing, nothing
+   the limits is seen), the run fits the memory of its GPU (kubetune_operator.fit; else Failed/Unfit,
+   nothing created, decided again on every pass and every UNFIT_RESYNC_SECONDS; a run whose Job exists is
+   never refused), its Hub token Secret exists (else Pending/SecretMissing, nothing
    created, looked at again with back-off) and its workspace claim can be used;
 4. the run's objects exist (creating one that exists is a no-op), the workspace claim's owner follows
    storage.reclaimPolicy, and the run's Job follows runPolicy (suspend, unless Kueue owns it;
@@ -27,7 +29,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
-from kubetune.contract import FAIL_FAST_EXIT_CODES, LABEL_JOB, LABEL_QUEUE, REASON_BY_EXIT
+from kubetune.contract import FAIL_FAST_EXIT_CODES, LABEL_JOB, LABEL_QUEUE, REASON_BY_EXIT, REASON_UNFIT
 from kubetune.policy import UNAVAILABLE, VIOLATION, Limits, check
 from kubetune.render import (
     output_path,
@@ -38,6 +40,7 @@ from kubetune.render import (
     spec_hash,
     workspace_claim,
 )
+from kubetune_operator.fit import Fit
 from kubetune_operator.status import (
     INDEX_ANNOTATION,
     TERMINAL,
@@ -58,6 +61,7 @@ from kubetune_operator.status import (
     phase,
     pod_failure,
     preempted,
+    preparing,
     progress_fields,
     running_pods,
     secret_missing_message,
@@ -88,7 +92,10 @@ FAIL_FAST_REASONS = frozenset(REASON_BY_EXIT[code] for code in FAIL_FAST_EXIT_CO
 RETRY_ON_EDIT = frozenset({"JobRejected"})
 # Final reasons decided before any run existed, decided again on every pass: the spec may have changed,
 # or the limits (the operator looks again when the policy ConfigMap changes).
-RECHECKED = frozenset({VIOLATION})
+RECHECKED = frozenset({VIOLATION, REASON_UNFIT})
+# A run refused as Unfit is looked at again this often: a node relabelled (nvidia.com/gpu.memory) is seen
+# without any change of the FineTuneJob (kubetune_operator.fit memoizes the listing, so this costs ~0).
+UNFIT_RESYNC_SECONDS = 120.0
 
 SecretCheck = Literal["present", "missing", "unknown"]
 
@@ -115,6 +122,7 @@ class Observed:
     image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS
     limits: Limits | None = None  # the policy's limits (kubetune.policy); None: the operator enforces none
     policy_problem: str | None = None  # the limits cannot be read: no run starts
+    fit: Fit | None = None  # whether the run fits its GPU (kubetune_operator.fit); None: not asked
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,25 @@ def plan(obs: Observed, now: datetime) -> Plan:
                 completionTime=before.get("completionTime") or format_time(now),
             )
             return _plan(before, status, conds, actions, None)
+        fit = obs.fit
+        if fit is not None and fit.verdict == "waiting":
+            # The model's config.json is on its way: decide when it is here (its fetch wakes this key).
+            return Plan(actions, _drop_none(old), [], fit.retry)
+        if fit is not None and fit.verdict == "unfit":
+            message = (
+                f"{fit.message}. No run is created; it is checked again when the FineTuneJob or the "
+                "nodes' labels change"
+            )
+            conds.set("Valid", False, REASON_UNFIT, message)
+            conds.set("Failed", True, REASON_UNFIT, message)
+            status.update(
+                state="Failed",
+                reason=REASON_UNFIT,
+                completionTime=before.get("completionTime") or format_time(now),
+            )
+            return _plan(before, status, conds, actions, UNFIT_RESYNC_SECONDS)
+        if before.get("reason") in RECHECKED:
+            status["completionTime"] = None  # refused before, not any more: not finished
         waiting = _before_create(obs, job, before, now)
         if waiting is not None:
             reason, message, delay = waiting
@@ -248,11 +275,13 @@ def plan(obs: Observed, now: datetime) -> Plan:
             status.update(state="Pending", reason=reason)
             return _plan(before, status, conds, actions, delay)
         actions += _claim_ownership(obs, job)
+        # The fit check's verdict travels with the run's RunCreated event: said once, no extra request.
+        note = f"; {fit.message}" if fit is not None else ""
         for obj in render(job, image=obs.image):
             if obj["kind"] == "PersistentVolumeClaim" and obs.claim is not None:
                 continue
             created_event = (
-                Event("Normal", "RunCreated", f"created Job {run}") if obj["kind"] == "Job" else None
+                Event("Normal", "RunCreated", f"created Job {run}{note}") if obj["kind"] == "Job" else None
             )
             actions.append(Create(obj, created_event))
         current = render_job(job, image=obs.image)  # as this pass creates it: no status yet
@@ -509,7 +538,7 @@ def _active(
         return "Preempted", str((previous or {}).get("message") or PREEMPTED_GONE), False
     if not pods:
         return "Starting", "the Job is created; waiting for its trainer pods", False
-    return "Starting", "waiting for the trainer pods to start", False
+    return "Starting", preparing(pods) or "waiting for the trainer pods to start", False
 
 
 TRAINER_FINISHED = "the trainer finished; waiting for its Job to be marked Complete"

@@ -78,6 +78,14 @@ OPERATOR: tuple[Rule, ...] = (
         "reference follows storage.reclaimPolicy), deleted when the API server refuses the run.",
     ),
     Rule("", ("events",), ("create",), "One event per state transition of a FineTuneJob."),
+    Rule(
+        "",
+        ("nodes",),
+        ("list", "watch"),
+        "The GPU nodes' labels (metadata only: nvidia.com/gpu.product and nvidia.com/gpu.memory), before a "
+        "run is created: does it fit the memory of its GPU. Cluster-scoped: a Role (watchNamespace) "
+        "cannot grant it, and the operator then falls back to its gpuType table.",
+    ),
 )
 
 # The one rule the chart's secretPreCheck.enabled=false takes away (`--no-secret-precheck`).

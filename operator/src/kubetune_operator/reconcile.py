@@ -3,7 +3,9 @@
 Each pass reads the FineTuneJob, its Jobs, the current run's Pods and its workspace claim from the
 cache (kubetune_operator.cache), which costs no request. Two reads remain: the Hub token Secret's
 metadata (only before the run's Job exists) and the end of rank 0's trainer log (only while it runs;
-a pod whose log cannot be read is asked again after a growing pause). `plan()` decides from that alone
+a pod whose log cannot be read is asked again after a growing pause). Before a GPU run's Job exists,
+the fit check (kubetune_operator.fit) reads the matching nodes' labels and the model's config.json,
+both memoized and shared by every FineTuneJob that asks the same. `plan()` decides from that alone
 (kubetune_operator.plan); the actions are applied through kube.py; then the events, each under a
 deterministic name, so a retry after a crash gets 409 rather than a duplicate; then the status, in one
 merge patch, only when it changed. Events go first: a crash between the two loses nothing, as the next
@@ -43,6 +45,7 @@ from kubetune.policy import Limits
 from kubetune.redact import find_tokens, redact, redact_data
 from kubetune.render import CONTAINER, render_claim, run_name, spec_hash, workspace_claim
 from kubetune_operator.cache import Cache, Key
+from kubetune_operator.fit import Fit, FitChecker
 from kubetune_operator.kube import Fenced, Kube, api_message, describe_error, event_name
 from kubetune_operator.plan import (
     DEFAULT_IMAGE_PULL_GRACE_SECONDS,
@@ -108,6 +111,7 @@ class Reconciler:
         image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE_SECONDS,
         secret_precheck: bool = True,
         policy: Callable[[], Limits | str] | None = None,
+        fit: FitChecker | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
@@ -126,6 +130,8 @@ class Reconciler:
         self._log_retry: dict[str, tuple[float, float]] = {}
         # The policy's limits as last read (kubetune.policy), or why they cannot be; None: no policy.
         self.policy = policy
+        # Whether a new run fits its GPU (kubetune_operator.fit); None: not checked.
+        self.fit = fit
         self.image = image
         self.clock = clock
         self.image_pull_grace = image_pull_grace
@@ -188,9 +194,12 @@ class Reconciler:
         old = obj.get("status") or {}
         settled = old.get("specHash") == spec_hash(job) and old.get("state") in TERMINAL
         settled = settled and old.get("reason") not in RECHECKED  # decided again on every pass
-        secret = None
+        secret, fit = None, None
         if current is None and not settled:
-            secret = self._secret(namespace, name, job)
+            # Only before the run's Job exists: running work is never refused.
+            fit = self._fit(namespace, name, job)
+            if fit is None or fit.verdict not in ("unfit", "waiting"):  # else the pass would not use it
+                secret = self._secret(namespace, name, job)
         return Observed(
             obj,
             job,
@@ -198,6 +207,7 @@ class Reconciler:
             pods=pods,
             claim=claim,
             secret=secret,
+            fit=fit,
             log_tail=self._log_tail(namespace, name, pods),
             **self._policy(),
             **settings,
@@ -242,6 +252,16 @@ class Reconciler:
         if isinstance(state, str):
             return {"policy_problem": state}
         return {"limits": state}
+
+    def _fit(self, namespace: str, name: str, job: FineTuneJob) -> Fit | None:
+        """Whether the run fits its GPU; never raises (a check that fails is "not checked")."""
+        if self.fit is None:
+            return None
+        try:
+            return self.fit.check((namespace, name), job)
+        except Exception as e:
+            log.warning("fit check failed: %s", describe_error(e), extra=_ctx(namespace, name))
+            return Fit("unchecked", f"GPU memory not checked: {describe_error(e)}")
 
     def _secret(self, namespace: str, name: str, job: FineTuneJob) -> SecretCheck | None:
         """Whether the Hub token Secret exists: metadata only (its data never reaches the operator)."""

@@ -23,7 +23,7 @@ from kubetune.contract import (
 )
 from kubetune.durations import format_duration
 from kubetune.redact import redact
-from kubetune.render import CONTAINER
+from kubetune.render import CONTAINER, PREPARE_CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
 INDEX_ANNOTATION = ANNOTATION_COMPLETION_INDEX
@@ -116,6 +116,31 @@ def phase(pod: dict[str, Any]) -> str | None:
 def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     return next((cs for cs in statuses if cs.get("name") == CONTAINER), statuses[0] if statuses else {})
+
+
+def _failed_status(pod: dict[str, Any]) -> dict[str, Any]:
+    """The status of the container that failed the pod: an init container (``prepare``) that exited
+    non-zero, after which the trainer never started, else the trainer's."""
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        if term and term.get("exitCode") != 0:
+            return dict(cs)
+    return _trainer_status(pod)
+
+
+def preparing(pods: list[dict[str, Any]]) -> str | None:
+    """What a pod whose ``prepare`` init container is running is doing (the pod is Pending meanwhile)."""
+    for pod in pods:
+        if deleting(pod) or phase(pod) != "Pending":
+            continue
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") == PREPARE_CONTAINER and "running" in (cs.get("state") or {}):
+                name = (pod.get("metadata") or {}).get("name", "?")
+                return (
+                    f"preparing data: pod {name} is tokenizing the dataset into the workspace's cache "
+                    "(init container prepare); training starts when it is done"
+                )
+    return None
 
 
 def preempted(pod: dict[str, Any]) -> bool:
@@ -216,7 +241,10 @@ def pod_failure(pod: dict[str, Any], job: FineTuneJob | None = None) -> Failure:
             "from the last checkpoint",
             preempted=True,
         )
-    term = (_trainer_status(pod).get("state") or {}).get("terminated")
+    failed = _failed_status(pod)
+    # "the trainer" or, when preparing the data failed, the init container that did it.
+    who = "the trainer" if failed.get("name", CONTAINER) == CONTAINER else "preparing the data"
+    term = (failed.get("state") or {}).get("terminated")
     if not term:
         detail = ": ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
         return Failure("TrainerError", _clip(f"trainer pod {name} failed ({detail or 'no reason given'})"))
@@ -230,12 +258,12 @@ def pod_failure(pod: dict[str, Any], job: FineTuneJob | None = None) -> Failure:
         reason, message = parsed
     elif isinstance(code, int) and code in REASON_BY_EXIT:
         reason = REASON_BY_EXIT[code]
-        message = f"the trainer exited with code {code} ({Exit(code).name.lower().replace('_', ' ')})"
+        message = f"{who} exited with code {code} ({Exit(code).name.lower().replace('_', ' ')})"
         if text.strip():
             message += f"; the end of its log: {text.strip()[-600:]}"
     else:
         reason = "TrainerError"
-        message = f"the trainer exited with code {code}" + (f" ({treason})" if treason else "")
+        message = f"{who} exited with code {code}" + (f" ({treason})" if treason else "")
         if text.strip():
             message += f"; the end of its log: {text.strip()[-600:]}"
     hint = _hint(reason, job)
@@ -273,7 +301,7 @@ def image_pull_problem(pods: list[dict[str, Any]]) -> ImagePull | None:
         if deleting(pod) or phase(pod) != "Pending":
             continue
         status = pod.get("status") or {}
-        for cs in status.get("containerStatuses") or []:
+        for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
             if reason not in IMAGE_PULL_RETRYING + IMAGE_PULL_FATAL:

@@ -907,6 +907,21 @@ Scheduler = Literal[
 DEFAULT_MAX_STEPS = 500
 DEFAULT_MAX_SEQ_LENGTH = 512
 
+Packing = Literal["none", "wrapped", "bfd"]
+# bench/packing.py: with groupByLength, padded batches already compute 0.99+ real tokens, and `none`
+# keeps the Guanaco recipe's rows per step; README "Packing" gives the numbers.
+DEFAULT_PACKING: Packing = "none"
+
+
+def _wire_packing(value: Any) -> Any:
+    # `packing` was a boolean before bfd: an old file gets what the words became, not a bare enum error.
+    if isinstance(value, bool):
+        raise ValueError(
+            "packing is no longer true/false: set none (was false), wrapped (was true: rows concatenated "
+            "and cut into blockSize blocks) or bfd (whole rows packed, no attention across them)"
+        )
+    return value
+
 
 class TrainingSpec(_Model):
     """Optimisation hyper-parameters (passed to TRL's SFTTrainer)."""
@@ -922,6 +937,12 @@ class TrainingSpec(_Model):
             f"|| self.blockSize <= (has(self.maxSeqLength) ? self.maxSeqLength : {DEFAULT_MAX_SEQ_LENGTH})",
             "training.blockSize cannot exceed training.maxSeqLength",
             lambda t: t.block_size is None or t.block_size <= t.max_seq_length,
+        ),
+        Rule(
+            "!has(self.blockSize) || !has(self.packing) || self.packing == 'wrapped'",
+            "training.blockSize is the length of wrapped blocks: set training.packing to wrapped or drop "
+            "training.blockSize",
+            lambda t: t.block_size is None or t.packing in (None, "wrapped"),
         ),
         Rule(
             "!has(self.earlyStoppingPatience) || !has(self.saveSteps) || !has(self.evalSteps) "
@@ -950,11 +971,18 @@ class TrainingSpec(_Model):
     """Forward passes per optimizer step. Global batch = batch size x accumulation x GPUs."""
     max_seq_length: Int = Field(default=DEFAULT_MAX_SEQ_LENGTH, ge=16, le=131072)
     """Longest tokenized sequence; longer rows are truncated."""
-    packing: Bool = False
-    """Pack several short rows into one sequence of `blockSize` tokens (less padding, faster)."""
+    packing: Annotated[Packing, BeforeValidator(_wire_packing)] | None = None
+    """How rows fill the training sequences. `none`: one row per sequence, padded per batch (see
+    `groupByLength`). `wrapped`: rows are concatenated and cut into `blockSize`-token blocks
+    (AutoTrain's packing); rows share an attention window, so tokens attend across row boundaries.
+    `bfd`: best-fit-decreasing packs whole rows into sequences of at most `maxSeqLength` tokens,
+    padding-free with per-row positions, so no token attends across rows (flash-attention varlen or
+    SDPA with a block mask; padded per row for models that cannot, such as BLOOM). Unset: `wrapped`
+    when `blockSize` is set, else `none`."""
     block_size: Int | None = Field(default=None, ge=16, le=131072)
-    """Length of the packed blocks (AutoTrain's `block_size`). Setting it turns `packing` on; rows
-    are first truncated to `maxSeqLength` (AutoTrain's `model_max_length`). Unset: `maxSeqLength`."""
+    """Length of the `wrapped` blocks (AutoTrain's `block_size`). Setting it without `packing` means
+    `wrapped`; rows are first truncated to `maxSeqLength` (AutoTrain's `model_max_length`). Unset:
+    `maxSeqLength`."""
     optimizer: Optimizer = "paged_adamw_32bit"
     """Optimizer. `paged_*` optimizers page their state to CPU memory under pressure."""
     lr_scheduler: Scheduler = "constant"
@@ -995,12 +1023,14 @@ class TrainingSpec(_Model):
             return self.max_steps
         return -1 if self.epochs is not None else DEFAULT_MAX_STEPS
 
-    @property
-    def uses_packing(self) -> bool:
-        return self.packing or self.block_size is not None
+    def effective_packing(self) -> Packing:
+        """`packing`, resolved: unset means `wrapped` with a `blockSize` (AutoTrain), else the default."""
+        if self.packing is not None:
+            return self.packing
+        return "wrapped" if self.block_size is not None else DEFAULT_PACKING
 
     def effective_block_size(self) -> int:
-        """Tokens per training sequence (per packed block when packing)."""
+        """Tokens per training sequence: per `wrapped` block, per `bfd` bin, per row at most."""
         return self.block_size or self.max_seq_length
 
     def effective_save_steps(self) -> int:

@@ -112,16 +112,6 @@ def lora_config_kwargs(spec: FineTuneJobSpec, model_type: str | None) -> dict[st
     }
 
 
-def packing_block_size(spec: FineTuneJobSpec) -> int | None:
-    """Tokens per packed block when ``training.packing``/``blockSize`` ask for packing, else ``None``.
-
-    Packing is AutoTrain's block: the tokenized rows (each already truncated to ``maxSeqLength``) are
-    concatenated and cut into blocks of ``blockSize`` tokens (TRL's "wrapped" strategy, which works
-    with any attention kernel; its "bfd" strategy needs padding-free flash attention)."""
-    t = spec.training
-    return t.effective_block_size() if t.uses_packing else None
-
-
 def sft_config_kwargs(
     spec: FineTuneJobSpec,
     output_dir: str,
@@ -129,7 +119,7 @@ def sft_config_kwargs(
     has_eval: bool,
     hw: Hardware,
 ) -> dict[str, Any]:
-    """``trl.SFTConfig`` keyword arguments from ``spec.training`` (and ``spec.dataset`` for packing)."""
+    """``trl.SFTConfig`` keyword arguments from ``spec.training``."""
     t = spec.training
     precision = resolve_precision(spec, hw)
     max_steps = t.effective_max_steps()
@@ -142,18 +132,24 @@ def sft_config_kwargs(
         "per_device_train_batch_size": t.per_device_batch_size,
         "per_device_eval_batch_size": t.per_device_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        # Rows are truncated to maxSeqLength; with packing they are then cut into blockSize blocks by
-        # kubetune (see packing_block_size), so TRL itself does not pack.
+        # Rows are truncated to maxSeqLength and packed by kubetune (kubetune.trainer.packing) when the
+        # data is prepared, so TRL itself does not pack. padding_free stays off even for bfd: TRL then
+        # refuses a custom collator, and kubetune's (packing.PackedCollator) builds the padding-free
+        # batches itself, or padded rows for the models that cannot take them.
         "max_length": t.max_seq_length,
         "packing": False,
+        "padding_free": False,
         "optim": t.optimizer,
         "lr_scheduler_type": t.lr_scheduler,
         # transformers 5: warmup_ratio is gone, a float in [0, 1) is a ratio of the steps.
         "warmup_steps": float(t.warmup_ratio),
         "max_grad_norm": t.max_grad_norm,
         "weight_decay": t.weight_decay,
-        # transformers 5: group_by_length=True became a sampling strategy.
-        "train_sampling_strategy": "group_by_length" if t.group_by_length else "random",
+        # transformers 5: group_by_length=True became a sampling strategy. bfd bins are all nearly
+        # maxSeqLength long (and padding-free has no padding): grouping them would only sort the data.
+        "train_sampling_strategy": (
+            "group_by_length" if t.group_by_length and t.effective_packing() != "bfd" else "random"
+        ),
         # transformers 5: gradient_checkpointing is a deprecated alias of activation_checkpointing.
         "activation_checkpointing": t.gradient_checkpointing,
         # TRL's SFTConfig defaults bf16 to True: always set both explicitly.

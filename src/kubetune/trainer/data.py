@@ -1,6 +1,6 @@
-"""Training data: load (Hub or local files), format (text / alpaca / chat), clean, split.
+"""Training data: load (Hub or local files), format (text / alpaca / chat), clean, split, tokenize.
 
-The rows handed to TRL's SFTTrainer have TRL's own dataset types:
+Formatting gives the rows TRL's own dataset types:
 
 - ``text``   → a ``text`` column (language modelling on the whole text);
 - ``alpaca`` → ``prompt`` / ``completion`` columns (the Alpaca prompt; the loss is on the response only);
@@ -9,6 +9,12 @@ The rows handed to TRL's SFTTrainer have TRL's own dataset types:
 Cleaning drops rows whose training text is empty or blank and (``dataset.dedup``) exact duplicates of the
 formatted text, and counts both. Every step is a ``datasets`` ``map``/``filter``/``select`` with
 module-level functions, so the results are cached by fingerprint (a restarted Pod does not redo them).
+
+:func:`tokenize` then turns those rows into ``input_ids`` / ``labels`` exactly as TRL 1.16's
+``SFTTrainer._prepare_dataset`` does (EOS appended to text and completions, the chat template rendered
+and tokenized without special tokens, the prompt masked with -100 up to where the tokenized prompt and
+prompt+completion diverge, truncation to ``max_length`` keeping the start, rows left without a label
+dropped), in batches of Arrow columns: :mod:`kubetune.trainer.prepare` caches the result.
 """
 
 from __future__ import annotations
@@ -270,9 +276,17 @@ def format_and_clean(
     elif source.format == "alpaca":
         ds = ds.map(format_alpaca_batch, **map_kwargs)
     else:
+        import datasets
+
+        # Typed: datasets infers a Json column from mixed raw messages (ShareGPT items, extra keys),
+        # which Arrow batches would then hold as strings.
+        message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+        typed = {"messages": datasets.List(message), _EMPTY: datasets.Value("bool")}
+        features = datasets.Features({**typed, _KEY: datasets.Value("string")})
         ds = ds.map(
             format_chat_batch,
             fn_kwargs={"messages_field": source.messages_field, "tokenizer": tokenizer},
+            features=features,
             **map_kwargs,
         )
     ds = ds.filter(_not_empty, batched=True, desc=f"Dropping empty {what} rows")
@@ -292,10 +306,14 @@ def format_and_clean(
     return ds, stats
 
 
-def prepare(spec: FineTuneJobSpec, base_dir: Path, tokenizer: Any) -> PreparedData:
-    """Load, format, clean and split the training data of ``spec``."""
+def prepare(
+    spec: FineTuneJobSpec, base_dir: Path, tokenizer: Any, raw: Any = None, raw_eval: Any = None
+) -> PreparedData:
+    """Load (unless ``raw`` / ``raw_eval`` are the rows already loaded), format, clean and split the
+    training data of ``spec``. The rows are not tokenized (see :func:`tokenize`)."""
     source = spec.dataset
-    raw = load_raw(source, base_dir)
+    if raw is None:
+        raw = load_raw(source, base_dir)
     train, stats = format_and_clean(raw, source, tokenizer)
     if stats.kept == 0:
         raise DataError(f"dataset: no training rows left after cleaning ({stats.summary()})")
@@ -311,7 +329,8 @@ def prepare(spec: FineTuneJobSpec, base_dir: Path, tokenizer: Any) -> PreparedDa
         split = train.train_test_split(test_size=n_eval, seed=spec.training.seed, shuffle=True)
         train, evaluation = split["train"], split["test"]
     elif v is not None and v.split is not None:
-        raw_eval = load_raw(source, base_dir, split=v.split)
+        if raw_eval is None:
+            raw_eval = load_raw(source, base_dir, split=v.split)
         evaluation, eval_stats = format_and_clean(raw_eval, source, tokenizer, what="validation")
         stats.validation = {
             k: getattr(eval_stats, k) for k in ("rows_read", "empty_dropped", "duplicates_dropped", "kept")
@@ -321,3 +340,141 @@ def prepare(spec: FineTuneJobSpec, base_dir: Path, tokenizer: Any) -> PreparedDa
     stats.train_rows = len(train)
     stats.validation_rows = len(evaluation) if evaluation is not None else 0
     return PreparedData(train=train, eval=evaluation, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization (what TRL 1.16's SFTTrainer._prepare_dataset does, batched over Arrow columns)
+# --------------------------------------------------------------------------------------------------
+
+
+def _int_lists(ids: list[list[int]]) -> Any:
+    import pyarrow as pa  # type: ignore[import-untyped]
+
+    return pa.array(ids, type=pa.list_(pa.int32()))
+
+
+def _labelled(input_ids: Any, labels: Any, keep: Any, max_length: int) -> Any:
+    """The batch as a table: both columns truncated to ``max_length`` (keeping the start, TRL's
+    ``keep_start``), rows ``keep`` says have no label left dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc  # type: ignore[import-untyped]
+
+    table = pa.table(
+        {"input_ids": pc.list_slice(input_ids, 0, max_length), "labels": pc.list_slice(labels, 0, max_length)}
+    )
+    return table if keep is None else table.filter(pa.array(keep, type=pa.bool_()))
+
+
+def encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]``, for a fast tokenizer straight from its Rust backend's
+    ``encode_batch_fast`` (no offsets: a quarter less work), which is what transformers' call does
+    once its settings are applied; the settings are checked to be the ones that call would apply
+    (no truncation or padding, special tokens not split, no input/target mode), else the call is made."""
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if (
+        backend is not None
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+        and not hasattr(tokenizer, "_switch_to_input_mode")
+    ):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    out = tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)
+    return list(out["input_ids"])
+
+
+def _with_eos(texts: list[str], eos: str | None) -> list[str]:
+    # TRL's add_eos: only where the text does not end with the EOS token already.
+    if not eos:
+        return texts
+    return [t if t.endswith(eos) else t + eos for t in texts]
+
+
+def tokenize_text_batch(batch: Any, tokenizer: Any, max_length: int) -> Any:
+    """``text`` rows → every token is learned (labels == input_ids)."""
+    texts = _with_eos(batch.column("text").to_pylist(), tokenizer.eos_token)
+    ids = _int_lists(encode(tokenizer, texts))
+    return _labelled(ids, ids, None, max_length)
+
+
+def tokenize_chat_batch(batch: Any, tokenizer: Any, max_length: int) -> Any:
+    """``messages`` rows → the chat template rendered, then tokenized without special tokens, as
+    ``apply_chat_template(tokenize=True)`` does; every token is learned. No EOS is added (TRL adds none
+    to conversations)."""
+    rendered = tokenizer.apply_chat_template(batch.column("messages").to_pylist(), tokenize=False)
+    ids = _int_lists(encode(tokenizer, rendered, add_special_tokens=False))
+    return _labelled(ids, ids, None, max_length)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    if b[: len(a)] == a:  # the usual case, compared in C
+        return len(a)
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_prompt_completion_batch(batch: Any, tokenizer: Any, max_length: int) -> Any:
+    """``prompt`` / ``completion`` rows → the loss on the completion only: the prompt and
+    prompt+completion are tokenized apart, and the tokens they share (TRL's ``common_prefix_length``)
+    get label -100."""
+    import numpy as np
+    import pyarrow as pa
+
+    prompts = batch.column("prompt").to_pylist()
+    completions = _with_eos(batch.column("completion").to_pylist(), tokenizer.eos_token)
+    prompt_ids = encode(tokenizer, prompts)
+    full_ids = encode(tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)])
+    masked = np.fromiter(
+        (_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)), np.int64, len(full_ids)
+    )
+    ids = _int_lists(full_ids)
+    offsets = ids.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    values = ids.values.to_numpy(zero_copy_only=False)
+    # Position of every token within its row: masked where it is below the row's prompt length.
+    position = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    labels_values = np.where(position < np.repeat(masked, lengths), np.int32(-100), values)
+    labels = pa.ListArray.from_arrays(ids.offsets, pa.array(labels_values, type=pa.int32()))
+    # A row keeps a label when its completion starts within the first max_length tokens.
+    keep = masked < np.minimum(lengths, max_length)
+    return _labelled(ids, labels, keep, max_length)
+
+
+_TOKENIZERS = {
+    "text": tokenize_text_batch,
+    "alpaca": tokenize_prompt_completion_batch,
+    "chat": tokenize_chat_batch,
+}
+
+
+def tokenize(
+    ds: Any,
+    data_format: str,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    num_proc: int = 1,
+    cache_file_name: str | None = None,
+    what: str = "train",
+) -> tuple[Any, int]:
+    """The formatted rows of ``data_format`` as ``input_ids`` / ``labels`` (int32 lists, -100 = no
+    loss), truncated to ``max_length``; returns them and how many rows truncation left without a
+    label (dropped, as TRL drops them)."""
+    before = len(ds)
+    out = ds.with_format("arrow").map(
+        _TOKENIZERS[data_format],
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=list(ds.column_names),
+        num_proc=num_proc if num_proc > 1 else None,
+        cache_file_name=cache_file_name,
+        desc=f"Tokenizing {what} rows",
+    )
+    out = out.with_format(None)
+    return out, before - len(out)

@@ -12,6 +12,7 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.contract import ENV_HF_TOKEN
 from kubetune.trainer import config as cfg
+from kubetune.trainer import packing
 from kubetune.trainer.data import alpaca_prompt
 from kubetune.trainer.errors import TrainerError
 
@@ -105,6 +106,18 @@ def _is_norm(module: Any) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
+def _attention_plan(
+    spec: FineTuneJobSpec, name: str, kwargs: dict[str, Any], hw: cfg.Hardware
+) -> packing.AttentionPlan | None:
+    """How ``bfd`` batches reach this model (None for the other packings: transformers' default)."""
+    if spec.training.effective_packing() != "bfd":
+        return None
+    from transformers import AutoConfig
+
+    config_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "trust_remote_code")}
+    return packing.attention_plan(AutoConfig.from_pretrained(name, **config_kwargs), hw)
+
+
 def load_model(spec: FineTuneJobSpec, base_dir: Path, hw: cfg.Hardware) -> Any:
     """The base model, quantized and prepared for k-bit training as the method asks."""
     import torch
@@ -126,10 +139,20 @@ def load_model(spec: FineTuneJobSpec, base_dir: Path, hw: cfg.Hardware) -> Any:
         dtype,
         ", 4-bit" if bnb and bnb.get("load_in_4bit") else ", 8-bit" if bnb else "",
     )
+    plan = _attention_plan(spec, name, kwargs, hw)
+    if plan is not None and plan.attn_implementation is not None:
+        kwargs["attn_implementation"] = plan.attn_implementation
     with _bnb_compatible_linear_layers(name, kwargs if bnb is not None else None):
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=_dtype(dtype), device_map=device_map(spec, hw), **kwargs
         )
+    packing.log_plan(spec, plan)
+    if plan is not None:
+        # packing.data_collator reads it. transformers builds the block mask from position_ids only
+        # without a KV cache: a training forward with use_cache on would let packed rows see each other.
+        model.kubetune_attention = plan
+        if plan.padding_free:
+            model.config.use_cache = False
     if bnb is not None and count_quantized_layers(model) == 0:
         raise TrainerError(
             f"method.quantization: bitsandbytes quantized no layer of this {model.config.model_type} model "

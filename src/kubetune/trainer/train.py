@@ -28,7 +28,7 @@ from kubetune.contract import ENV_RUN
 from kubetune.redact import install_process_redaction, redact, redact_data
 from kubetune.trainer import config as cfg
 from kubetune.trainer import layout
-from kubetune.trainer.errors import DataError, OutOfMemory, Preempted, TrainerError
+from kubetune.trainer.errors import OutOfMemory, Preempted, TrainerError
 from kubetune.trainer.progress import ProgressFile, write_json_atomic
 from kubetune.trainer.resume import PreemptionFlag, checkpoint_step, find_resume_checkpoint
 from kubetune.trainer.spec import base_dir as spec_base_dir
@@ -107,13 +107,6 @@ def _mark_complete(
     )
 
 
-def _pack(dataset: Any, block_size: int) -> Any:
-    """Concatenate the tokenized (and truncated) rows and cut them into ``block_size`` blocks."""
-    from trl.data_utils import pack_dataset
-
-    return pack_dataset(dataset.select_columns(["input_ids", "labels"]), block_size, "wrapped")
-
-
 # What torch and the libraries around it raise when a GPU runs out of memory: torch.OutOfMemoryError,
 # sometimes wrapped (or re-raised as a RuntimeError with torch's text, or reported by cuBLAS).
 _OOM_TEXT = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
@@ -170,33 +163,6 @@ def _completion_reason(st: Any, args: Any) -> layout.CompletionReason:
     return "max_steps" if args.max_steps > 0 else "epochs"
 
 
-def _check_truncation(trainer: Any, stats: Any, max_len: int) -> None:
-    """TRL drops rows that truncation to ``max_len`` leaves without a token to learn (a prompt that
-    fills it): say how many, and fail as a dataset error when none is left."""
-    for what, dataset, before in (
-        ("training", trainer.train_dataset, stats.train_rows),
-        ("validation", trainer.eval_dataset, stats.validation_rows),
-    ):
-        if dataset is None or not hasattr(dataset, "__len__"):
-            continue
-        dropped = before - len(dataset)
-        if dropped > 0 and len(dataset) == 0:
-            raise DataError(
-                f"dataset: all {before} {what} rows were dropped: truncated to training.maxSeqLength "
-                f"({max_len} tokens), none has a token left to learn (the prompt alone fills it); raise "
-                "training.maxSeqLength"
-            )
-        if dropped > 0:
-            log.warning(
-                "%d of %d %s rows dropped: truncated to training.maxSeqLength (%d tokens), their prompt "
-                "leaves no token to learn",
-                dropped,
-                before,
-                what,
-                max_len,
-            )
-
-
 def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Any]:
     spec_file = Path(spec_path)
     job = load_job(spec_file)  # SpecError before any heavy import
@@ -219,6 +185,22 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
             progress.update("Failed", message=redact(str(exc))[:1000])
         raise
 
+    # The data, before the process group exists: prepared already (`kubetune prepare`, the Job's prepare
+    # init container), it is only loaded; otherwise the first process to take the cache's lock prepares
+    # it while the others wait on the lock, not under an NCCL/gloo timeout.
+    setup_logging(True)  # every process says how it got its data; the levels are set per rank below
+    try:
+        from kubetune.trainer import modeling
+        from kubetune.trainer.prepare import load_or_prepare
+
+        tokenizer = modeling.load_tokenizer(job.spec, base_dir)
+        prepared = load_or_prepare(job.spec, base_dir, tokenizer)
+    except BaseException as exc:
+        text = str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
+            progress.update("Failed", message=redact(text)[:1000])
+        raise
+
     from accelerate import PartialState
 
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: train on the CPU even where there are GPUs.
@@ -231,7 +213,7 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
             run_folder.mkdir(parents=True, exist_ok=True)
         log.info("run %s: writing to %s", run_name, run_folder)
         progress.update("Loading")
-        return _run(job, base_dir, out, run_folder, state, progress, flag, token)
+        return _run(job, base_dir, out, run_folder, state, progress, flag, token, tokenizer, prepared)
     except Preempted as exc:
         progress.update("Preempted", eta_seconds=None, **({"step": exc.step} if exc.step is not None else {}))
         raise
@@ -257,13 +239,14 @@ def _run(
     progress: ProgressFile,
     flag: PreemptionFlag,
     token: str | None,
+    tokenizer: Any,
+    prepared: Any,  # kubetune.trainer.prepare.Prepared
 ) -> dict[str, Any]:
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from kubetune.trainer import data as data_mod
-    from kubetune.trainer import modeling
+    from kubetune.trainer import modeling, packing
     from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback
 
     spec = job.spec
@@ -288,10 +271,7 @@ def _run(
         )
     set_seed(spec.training.seed)
 
-    # Data (the main process first: the others then read the datasets cache).
-    tokenizer = modeling.load_tokenizer(spec, base_dir)
-    with state.main_process_first():
-        prepared = data_mod.prepare(spec, base_dir, tokenizer)
+    # Data: prepared (tokenized, truncated, packed) before the process group started; see run().
     log.info("data: %s", prepared.stats.summary())
     has_eval = prepared.eval is not None
 
@@ -299,8 +279,7 @@ def _run(
     model = modeling.load_model(spec, base_dir, hw)
     # Lineage: the exact commits (or file digests) behind revisions such as "main".
     lineage: dict[str, Any] = {"base_model_commit": getattr(model.config, "_commit_hash", None)}
-    if is_main:
-        lineage.update(data_mod.lineage(spec.dataset, base_dir))
+    lineage.update(prepared.lineage)
     quantized_layers = modeling.count_quantized_layers(model)
     if quantized_layers:
         log.info("%d linear layers quantized by bitsandbytes", quantized_layers)
@@ -309,6 +288,8 @@ def _run(
     ckpt_dir = run_folder / "checkpoints"
     sft_kwargs = cfg.sft_config_kwargs(spec, str(ckpt_dir), has_eval=has_eval, hw=hw)
     sft_kwargs["include_num_input_tokens_seen"] = "non_padding"
+    # The rows are tokenized, truncated and packed already: TRL must not do any of it again.
+    sft_kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
     args = SFTConfig(**sft_kwargs)
     progress_cb = ProgressCallback(progress, is_main=is_main, tty=sys.stdout.isatty())
     ckpt_cb = CheckpointCallback(flag)
@@ -316,6 +297,10 @@ def _run(
     if spec.training.early_stopping_patience is not None and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.training.early_stopping_patience))
     callbacks.append(ckpt_cb)  # after early stopping: it saves the step early stopping stops at
+    trainer_kwargs: dict[str, Any] = {}
+    collator = packing.data_collator(spec, tokenizer, model)
+    if collator is not None:
+        trainer_kwargs["data_collator"] = collator
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -324,19 +309,9 @@ def _run(
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=callbacks,
+        **trainer_kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints instead
-    _check_truncation(trainer, prepared.stats, spec.training.max_seq_length)
-    block_size = cfg.packing_block_size(spec)
-    if block_size is not None:
-        with state.main_process_first():
-            trainer.train_dataset = _pack(trainer.train_dataset, block_size)
-            if trainer.eval_dataset is not None:
-                trainer.eval_dataset = _pack(trainer.eval_dataset, block_size)
-        n_blocks = len(trainer.train_dataset)
-        log.info(
-            "packed %d rows into %d blocks of %d tokens", prepared.stats.train_rows, n_blocks, block_size
-        )
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -469,6 +444,7 @@ def _run(
         metrics["eval_loss"] = eval_loss
         metrics["perplexity"] = math.exp(eval_loss) if eval_loss < 700 else math.inf
     metrics["data"] = prepared.stats.as_dict()
+    metrics["prepared"] = prepared.as_dict()
 
     # Save: every process takes part (FSDP gathers the shards), the main process writes.
     stop_if_requested("saving")

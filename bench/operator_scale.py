@@ -1,6 +1,6 @@
 """The operator at scale: N FineTuneJobs against the test control plane, measured end to end.
 
-    .venv/bin/python bench/operator.py [--n 1000] [--json out/bench-operator.json] [--keep DIR]
+    .venv/bin/python bench/operator_scale.py [--n 1000] [--json out/bench-operator.json] [--keep DIR]
 
 What it does, in one run:
 1. starts a control plane of its own (hack/controlplane/controlplane.sh start, binaries cached; KWOK
@@ -29,28 +29,21 @@ Where the numbers come from:
 Goals (issue 10, 1,000 FineTuneJobs on 2 cores) are printed beside each number.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where this very file would shadow the
-# standard library's `operator` (which argparse, re and collections import): drop that folder. (Hence
-# the imports below it, E402.)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import contextlib
 import copy
 import functools
 import json
+import os
 import platform
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time

@@ -1,0 +1,487 @@
+"""Data preparation as its own cached step: ``python -m kubetune.trainer.prepare --spec FILE``.
+
+Load → format → clean/dedup → split (:mod:`kubetune.trainer.data`) → tokenize and truncate to
+``training.maxSeqLength`` (batched ``Dataset.map`` over ``num_proc`` processes) → pack
+(:func:`kubetune.trainer.packing.pack`) → an Arrow dataset (``save_to_disk``: ``train/``, ``eval/``,
+``stats.json``) in ``<cache>/<key>/``, written to a temporary folder and renamed into place.
+
+The key is a digest of everything the prepared rows depend on: the dataset (the Hub commit its revision
+resolves to, or each file's sha256; offline, the raw dataset's ``datasets`` fingerprint), the tokenizer
+(its serialized vocabulary and rules, special tokens and chat template), ``spec.dataset``,
+``training.maxSeqLength`` / ``packing`` / ``blockSize`` / ``seed``, the tokenizer libraries' versions and
+:data:`PREP_FORMAT`. A changed input is a new key, so it is prepared again; an unchanged one is loaded.
+
+Preparers of one key take turns through ``fcntl.flock`` on ``<cache>/<key>.lock``: several pods on a
+ReadWriteMany workspace (flock works on NFSv4 and CephFS) or several local ranks do the work once, the
+others wait on the lock, then load. In the cluster this runs as the Job's ``prepare`` init container,
+and every training process only loads the result, before the process group exists (no rank waits
+under an NCCL/gloo timeout).
+
+The cache lives in ``$KUBETUNE_PREPARED_DIR`` when set, else ``$KUBETUNE_WORKDIR/.cache/kubetune/prepared``
+(the workspace, in the cluster), else ``${XDG_CACHE_HOME:-~/.cache}/kubetune/prepared``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.contract import ENV_PREPARE_NUM_PROC as ENV_NUM_PROC
+from kubetune.contract import ENV_PREPARED_DIR, ENV_WORKDIR, REASON_UNEXPECTED, Exit
+from kubetune.trainer.errors import DataError, TrainerError
+from kubetune.trainer.packing import pack
+
+log = logging.getLogger("kubetune.trainer")
+
+# Bump when what is written changes (columns, tokenization, stats.json): old entries are not reused.
+PREP_FORMAT = 1
+# Fewer rows than this per process and the pool's start-up costs more than it saves.
+MIN_ROWS_PER_PROC = 2000
+STATS_FILE = "stats.json"
+
+
+def cache_root() -> Path:
+    """Where prepared datasets live (see the module docstring)."""
+    if os.environ.get(ENV_PREPARED_DIR):
+        return Path(os.environ[ENV_PREPARED_DIR])
+    if os.environ.get(ENV_WORKDIR):
+        return Path(os.environ[ENV_WORKDIR]) / ".cache" / "kubetune" / "prepared"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kubetune" / "prepared"
+
+
+def cpu_count() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's
+    ``resources.limits.cpu``, which the affinity does not show)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    return max(1, n)
+
+
+def default_num_proc(rows: int, requested: int | None = None) -> int:
+    """Tokenizing processes: ``requested`` (``--num-proc``), else ``$KUBETUNE_PREPARE_NUM_PROC``, else one
+    per CPU with at least :data:`MIN_ROWS_PER_PROC` rows each; never more than there are rows."""
+    if requested is None and os.environ.get(ENV_NUM_PROC):
+        try:
+            requested = int(os.environ[ENV_NUM_PROC])
+        except ValueError:
+            value = os.environ[ENV_NUM_PROC]
+            raise DataError(f"${ENV_NUM_PROC} must be a whole number, got {value!r}") from None
+    n = requested if requested is not None and requested > 0 else min(cpu_count(), rows // MIN_ROWS_PER_PROC)
+    return max(1, min(n, rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# The key
+# --------------------------------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of what tokenization depends on: the fast tokenizer's serialized ``tokenizer.json`` (or a
+    slow one's vocabulary), the special tokens, the BOS/EOS switches and the chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(_canonical(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        _canonical(
+            {
+                "special": tokenizer.special_tokens_map,
+                "added": sorted(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()),
+                "add_bos": getattr(tokenizer, "add_bos_token", None),
+                "add_eos": getattr(tokenizer, "add_eos_token", None),
+                "chat_template": getattr(tokenizer, "chat_template", None),
+            }
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def key_inputs(spec: FineTuneJobSpec, data_identity: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Everything the prepared rows depend on (written to ``stats.json``, hashed into the key)."""
+    from importlib import metadata
+
+    libraries = {}
+    for name in ("tokenizers", "transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            libraries[name] = metadata.version(name)
+    t = spec.training
+    return {
+        "format": PREP_FORMAT,
+        "data": data_identity,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "dataset": spec.dataset.model_dump(mode="json", by_alias=True),
+        # By name: packing's fields are another module's, and any value of theirs must change the key.
+        "training": {
+            name: getattr(t, name, None) for name in ("max_seq_length", "packing", "block_size", "seed")
+        },
+        "libraries": libraries,
+    }
+
+
+def cache_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical(inputs).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------
+# Load or prepare
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """The prepared (tokenized, truncated, packed) splits and how this process got them."""
+
+    train: Any  # datasets.Dataset: input_ids, labels (and whatever packing adds)
+    eval: Any | None
+    stats: Any  # data.DataStats
+    tokens: dict[str, int]  # train_tokens, validation_tokens, *_dropped_by_truncation, *_sequences
+    key: str
+    path: Path
+    lineage: dict[str, Any]
+    cache_hit: bool = True
+    seconds: float = 0.0  # this process's time to get the data (waiting included)
+    waited_seconds: float = 0.0  # of which spent waiting for another preparer
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For metrics.json: the key and what this process did."""
+        return {
+            "key": self.key,
+            "cache_hit": self.cache_hit,
+            "seconds": round(self.seconds, 3),
+            **self.tokens,
+        }
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[float]:
+    """Hold ``flock`` on ``lock_path``; yields the seconds spent waiting for it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        start = time.monotonic()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            log.info("data: waiting for %s, which is preparing this dataset (%s)", holder, lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = time.monotonic() - start
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        yield waited
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _tokenizer_threads(num_proc: int) -> Iterator[None]:
+    """Parallel over processes, not Rust threads: each tokenizing process uses one core (threads on
+    top of processes oversubscribe the CPUs, and a fork after threads were used disables them with a
+    warning)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _tokens(ds: Any) -> int:
+    import pyarrow.compute as pc  # type: ignore[import-untyped]
+
+    if ds is None or len(ds) == 0:
+        return 0
+    return int(pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py())
+
+
+def _identity(spec: FineTuneJobSpec, base_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """(what identifies the dataset's content for the key, its lineage, raw rows if loaded for it)."""
+    from kubetune.trainer import data as data_mod
+
+    source = spec.dataset
+    lineage = data_mod.lineage(source, base_dir)
+    if source.files is not None or lineage.get("dataset_commit"):
+        return lineage, lineage, None, None
+    # Offline (or a mirror without the API): datasets' fingerprint of the rows it loaded.
+    raw = data_mod.load_raw(source, base_dir)
+    identity: dict[str, Any] = {"dataset_fingerprint": raw._fingerprint}
+    raw_eval = None
+    v = source.validation
+    if v is not None and v.split is not None:
+        raw_eval = data_mod.load_raw(source, base_dir, split=v.split)
+        identity["validation_fingerprint"] = raw_eval._fingerprint
+    return identity, lineage, raw, raw_eval
+
+
+def _load(path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    import datasets
+
+    from kubetune.trainer.data import DataStats
+
+    stats = json.loads((path / STATS_FILE).read_text(encoding="utf-8"))
+    train = datasets.load_from_disk(str(path / "train"))
+    evaluation = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+    stats["data_stats"] = DataStats(**stats["data"])
+    return train, evaluation, stats
+
+
+def _warn_truncation(tokens: dict[str, int], rows: dict[str, int], max_len: int) -> None:
+    for what in ("train", "validation"):
+        dropped = tokens.get(f"{what}_dropped_by_truncation", 0)
+        if dropped:
+            log.warning(
+                "%d of %d %s rows dropped: truncated to training.maxSeqLength (%d tokens), their prompt "
+                "leaves no token to learn",
+                dropped,
+                rows[what],
+                "training" if what == "train" else what,
+                max_len,
+            )
+
+
+def _prepare_into(
+    tmp: Path,
+    spec: FineTuneJobSpec,
+    base_dir: Path,
+    tokenizer: Any,
+    raw: Any,
+    raw_eval: Any,
+    num_proc: int | None,
+) -> tuple[dict[str, int], Any, dict[str, Any]]:
+    """Prepare the splits into ``tmp`` (train/, eval/); returns token counts, stats and details."""
+    from kubetune.trainer import data as data_mod
+
+    max_len = spec.training.max_seq_length
+    rows = data_mod.prepare(spec, base_dir, tokenizer, raw=raw, raw_eval=raw_eval)
+    log.info("data: %s", rows.stats.summary())
+    work = tmp / "work"
+    work.mkdir(parents=True)
+    tokens: dict[str, int] = {}
+    details: dict[str, Any] = {}
+    splits = {"train": rows.train, "validation": rows.eval}
+    counts = {"train": rows.stats.train_rows, "validation": rows.stats.validation_rows}
+    for what, ds in splits.items():
+        if ds is None:
+            continue
+        procs = default_num_proc(len(ds), num_proc)
+        start = time.monotonic()
+        with _tokenizer_threads(procs):
+            tokenized, dropped = data_mod.tokenize(
+                ds,
+                spec.dataset.format,
+                tokenizer,
+                max_len,
+                num_proc=procs,
+                cache_file_name=str(work / f"{what}-tokenized.arrow"),
+                what=what,
+            )
+        seconds = time.monotonic() - start
+        n_tokens = _tokens(tokenized)
+        tokens[f"{what}_tokens"] = n_tokens
+        tokens[f"{what}_dropped_by_truncation"] = dropped
+        details[f"{what}_tokenize"] = {"num_proc": procs, "seconds": round(seconds, 3)}
+        log.info(
+            "data: tokenized %d %s rows (%d tokens) in %.1f s with %d process%s (%.0f tokens/s)",
+            len(ds),
+            what,
+            n_tokens,
+            seconds,
+            procs,
+            "" if procs == 1 else "es",
+            n_tokens / seconds if seconds > 0 else 0.0,
+        )
+        if len(tokenized) == 0:
+            raise DataError(
+                f"dataset: all {len(ds)} {'training' if what == 'train' else what} rows were dropped: "
+                f"truncated to training.maxSeqLength ({max_len} tokens), none has a token left to learn "
+                "(the prompt alone fills it); raise training.maxSeqLength"
+            )
+        packed = pack(tokenized, spec)
+        if len(packed) != len(tokenized):
+            log.info(
+                "data: packed %d rows into %d sequences (training.packing %s)",
+                len(tokenized),
+                len(packed),
+                getattr(spec.training, "packing", None),
+            )
+        tokens[f"{what}_sequences"] = len(packed)
+        packed.save_to_disk(str(tmp / ("train" if what == "train" else "eval")))
+    _warn_truncation(tokens, counts, max_len)
+    shutil.rmtree(work, ignore_errors=True)
+    return tokens, rows.stats, details
+
+
+def load_or_prepare(
+    spec: FineTuneJobSpec,
+    base_dir: Path,
+    tokenizer: Any,
+    *,
+    num_proc: int | None = None,
+    root: Path | None = None,
+) -> Prepared:
+    """The prepared data of ``spec``: loaded from the cache, or prepared (once, under the key's lock)
+    and then loaded."""
+    start = time.monotonic()
+    rank = os.environ.get("RANK")
+    who = f" (rank {rank})" if rank is not None else ""
+    identity, lineage, raw, raw_eval = _identity(spec, base_dir)
+    inputs = key_inputs(spec, identity, tokenizer)
+    key = cache_key(inputs)
+    root = root or cache_root()
+    path = root / key
+    hit, waited = True, 0.0
+    if not (path / STATS_FILE).is_file():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainerError(
+                f"cannot create the prepared-data cache {root} ({exc.strerror}); set ${ENV_PREPARED_DIR} "
+                "to a writable folder"
+            ) from None
+        with _locked(root / f"{key}.lock") as waited:
+            if not (path / STATS_FILE).is_file():  # nobody prepared it while this process waited
+                hit = False
+                for stale in root.glob(f".tmp-{key}-*"):  # left by a preparer that was killed
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
+                try:
+                    tokens, stats, details = _prepare_into(
+                        tmp, spec, base_dir, tokenizer, raw, raw_eval, num_proc
+                    )
+                    record = {
+                        "key": key,
+                        "inputs": inputs,
+                        "lineage": lineage,
+                        "data": stats.as_dict(),
+                        "tokens": tokens,
+                        "details": details,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }
+                    (tmp / STATS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                    os.rename(tmp, path)  # atomic: a reader sees all of it or nothing
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+    train, evaluation, stored = _load(path)
+    seconds = time.monotonic() - start
+    prepared = Prepared(
+        train=train,
+        eval=evaluation,
+        stats=stored["data_stats"],
+        tokens=stored["tokens"],
+        key=key,
+        path=path,
+        lineage=lineage,
+        cache_hit=hit,
+        seconds=seconds,
+        waited_seconds=waited,
+        details=stored.get("details", {}),
+    )
+    summary = f"{len(train)} train rows, {prepared.tokens.get('train_tokens', 0)} tokens"
+    if hit:
+        log.info("data: cache hit %s (%s) at %s%s, loaded in %.2f s", key, summary, path, who, seconds)
+        if waited > 0.5:
+            log.info("data: waited %.1f s for another process to prepare it", waited)
+        _warn_truncation(
+            prepared.tokens,
+            {"train": prepared.stats.train_rows, "validation": prepared.stats.validation_rows},
+            spec.training.max_seq_length,
+        )
+    else:
+        log.info("data: prepared %s (%s) at %s%s in %.1f s", key, summary, path, who, seconds)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m kubetune.trainer.prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_file(spec_path: str | Path, num_proc: int | None = None) -> Prepared:
+    """Prepare the data of the FineTuneJob in ``spec_path`` (what ``kubetune prepare`` and the Job's
+    ``prepare`` init container run)."""
+    from kubetune.trainer import modeling
+    from kubetune.trainer.spec import base_dir as spec_base_dir
+    from kubetune.trainer.spec import load_job
+    from kubetune.trainer.train import setup_logging
+
+    spec_file = Path(spec_path)
+    job = load_job(spec_file)
+    setup_logging(True)
+    tokenizer = modeling.load_tokenizer(job.spec, spec_base_dir(spec_file))
+    return load_or_prepare(job.spec, spec_base_dir(spec_file), tokenizer, num_proc=num_proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kubetune.contract import ENV_SPEC, SPEC_PATH
+    from kubetune.redact import install_process_redaction, redact
+    from kubetune.trainer.termination import write_termination_log
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune.trainer.prepare",
+        description="Load, clean, tokenize and pack a FineTuneJob's data into the prepared-data cache.",
+    )
+    parser.add_argument(
+        "--spec", default=os.environ.get(ENV_SPEC, SPEC_PATH), help=f"FineTuneJob YAML file (${ENV_SPEC})"
+    )
+    parser.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        help=f"tokenizing processes (default: ${ENV_NUM_PROC}, else one per CPU)",
+    )
+    args = parser.parse_args(argv)
+    install_process_redaction("kubetune.trainer")
+    try:
+        prepare_file(args.spec, args.num_proc)
+    except TrainerError as exc:
+        message = redact(str(exc))
+        print(f"kubetune: error: {message}", file=sys.stderr, flush=True)
+        write_termination_log(exc.reason, message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted while preparing the data", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT; what was half-written is removed, the lock is released
+    except Exception as exc:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        write_termination_log(REASON_UNEXPECTED, f"{type(exc).__name__}: {exc}", overwrite=False)
+        return int(Exit.ERROR)
+    return int(Exit.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
