@@ -251,14 +251,12 @@ def _falcon(config: Mapping[str, Any]) -> ModelShape:
         ln_parallel = 2
     # LayerNorms (weight and bias): two per layer unless one is shared by parallel attention and MLP.
     norms_per_layer = 1 if parallel and ln_parallel != 2 else 2
-    alibi = bool(config.get("alibi", False))
     linears = [
         ("query_key_value", hidden, qkv_out, bias),
         ("dense", hidden, hidden, bias),
         ("dense_h_to_4h", hidden, ffn, bias),
         ("dense_4h_to_h", ffn, hidden, bias),
     ]
-    del alibi  # no parameters either way: rotary or ALiBi
     return _assemble(
         config,
         "falcon",

@@ -23,9 +23,6 @@ from controlplane import ControlPlane, ControlPlaneError, build, is_built, poll,
 from node import RealNode, VolumeProvisioner
 
 SKIP = os.environ.get("KUBETUNE_SKIP_E2E") == "1"
-# The operator's fit check fetches config.json from the Hub; no e2e test may reach the real one (the
-# fit tests start their operator with a stand-in Hub and this unset).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 E2E_DIR = Path(__file__).resolve().parent
 
 
@@ -73,6 +70,22 @@ def _shown(pytestconfig: pytest.Config) -> contextlib.AbstractContextManager[obj
     """Lets a long step's own output through to the terminal, rather than seem hung."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     return capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No e2e test reaches the real Hub: the in-process operator's fit check would fetch config.json of
+    the jobs' models from it (tests/e2e/test_operator_unfit.py starts its operator as a process, with a
+    stand-in Hub). Per test, and as the attribute huggingface_hub reads at each request: it reads the
+    variable once, at import, so the import comes first (imported under the variable, it would stay
+    offline for the unit tests of the same session, which talk to stand-ins)."""
+    try:
+        import huggingface_hub.constants
+    except ImportError:
+        pass
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for the operators the tests start as processes
 
 
 @pytest.fixture(scope="session")
