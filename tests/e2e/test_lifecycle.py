@@ -357,8 +357,14 @@ def failed_with(run: Run, op: Operator, name: str, reason: str, *, state: str = 
     assert cond["message"], cond
     event = run.warning(name, reason)
     assert FAKE_TOKEN not in json.dumps(status) + json.dumps(event)
+    # Settled once its pods are gone: their deletion's updates (an init container's status among them)
+    # are watch events, each one pass; a hot loop would show as dozens of passes after that.
+    poll(
+        lambda: not [p for p in run.pods(name) if p["status"].get("phase") in ("Pending", "Running")],
+        timeout=120,
+        what=f"{name}: no pod left pending or running",
+    )
     assert quiet_for(op) <= 3, "the operator keeps reconciling a settled failure"
-    assert not [p for p in run.pods(name) if p["status"].get("phase") in ("Pending", "Running")]
     return status
 
 
