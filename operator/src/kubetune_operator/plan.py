@@ -161,6 +161,22 @@ class Plan:
 # --------------------------------------------------------------------------------------------------
 
 
+def _refuse(
+    before: dict[str, Any],
+    status: dict[str, Any],
+    conds: Conditions,
+    reason: str,
+    message: str,
+    now: datetime,
+) -> None:
+    """A run refused before anything is created (RECHECKED reasons): not valid, failed, finished."""
+    conds.set("Valid", False, reason, message)
+    conds.set("Failed", True, reason, message)
+    status.update(
+        state="Failed", reason=reason, completionTime=before.get("completionTime") or format_time(now)
+    )
+
+
 def plan(obs: Observed, now: datetime) -> Plan:
     meta = obs.ftj.get("metadata") or {}
     old: dict[str, Any] = obs.ftj.get("status") or {}
@@ -241,13 +257,7 @@ def plan(obs: Observed, now: datetime) -> Plan:
                 "; ".join(violations)
                 + f". No run is created; it is checked again when the FineTuneJob or {limits.source} changes"
             )
-            conds.set("Valid", False, VIOLATION, message)
-            conds.set("Failed", True, VIOLATION, message)
-            status.update(
-                state="Failed",
-                reason=VIOLATION,
-                completionTime=before.get("completionTime") or format_time(now),
-            )
+            _refuse(before, status, conds, VIOLATION, message, now)
             return _plan(before, status, conds, actions, None)
         fit = obs.fit
         if fit is not None and fit.verdict == "waiting":
@@ -258,13 +268,7 @@ def plan(obs: Observed, now: datetime) -> Plan:
                 f"{fit.message}. No run is created; it is checked again when the FineTuneJob or the "
                 "nodes' labels change"
             )
-            conds.set("Valid", False, REASON_UNFIT, message)
-            conds.set("Failed", True, REASON_UNFIT, message)
-            status.update(
-                state="Failed",
-                reason=REASON_UNFIT,
-                completionTime=before.get("completionTime") or format_time(now),
-            )
+            _refuse(before, status, conds, REASON_UNFIT, message, now)
             return _plan(before, status, conds, actions, UNFIT_RESYNC_SECONDS)
         if before.get("reason") in RECHECKED:
             status["completionTime"] = None  # refused before, not any more: not finished
