@@ -20,6 +20,10 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_RUN = "kubetune.io/run"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+# The GitOps source of a FineTuneJob, set on it by whoever applies it (Argo CD through
+# kustomize.commonAnnotations with ${ARGOCD_APP_REVISION}, a CI job): recorded in the model card.
+ANNOTATION_SOURCE_COMMIT = "kubetune.io/source-commit"
+ANNOTATION_SOURCE_REPO = "kubetune.io/source-repo"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "kubetune"
 # The label selector of everything kubetune creates (the operator watches only these Jobs and Pods).

@@ -96,8 +96,20 @@ def _model_fields_at(loc: Loc) -> list[str] | None:
         current = _descend(current, part)
         if current is None:
             return None
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return [f.alias or n for n, f in current.model_fields.items()]
+    model = _model_in(current)
+    return None if model is None else [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or the model inside `Annotated[...]` / `X | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, dict):
+        return None
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
     return None
 
 
@@ -162,7 +174,13 @@ def _message(err: Any) -> str:
         if not hint:
             lowered = {f.lower(): f for f in fields}
             hint = [lowered[k] for k in difflib.get_close_matches(unknown.lower(), list(lowered), n=1)]
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known fields: {', '.join(fields)}"
+        suggestion = (
+            f"; did you mean '{hint[0]}'?"
+            if hint
+            else f"; known fields: {', '.join(fields)}"
+            if fields
+            else ""
+        )
         return f"unknown field {shown(unknown, 66)}{suggestion}"
     if kind == "missing":
         return "required field is missing"

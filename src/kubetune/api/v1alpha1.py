@@ -261,6 +261,9 @@ def text(max_length: int, min_length: int = 1) -> Format:
     return Format("text", max_length, min_length=min_length)
 
 
+# dataset.chatTemplate: the templates kubetune ships (kubetune.trainer.templates).
+BUILTIN_CHAT_TEMPLATES = ("chatml", "llama-2", "alpaca", "guanaco")
+
 # Regexes of k8s.io/apimachinery/pkg/util/validation.
 DNS_LABEL_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # RFC 1123 label
 DNS_1035_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # RFC 1035 label: Service names
@@ -584,6 +587,23 @@ class MapFormat:
         return out
 
 
+_TEMPLATE_RULE = (
+    "self in " + repr(list(BUILTIN_CHAT_TEMPLATES)) + " || self.contains('{{') || self.contains('{%')"
+)
+CHAT_TEMPLATE = Format(
+    "chat template",
+    65536,
+    (
+        Check(
+            _TEMPLATE_RULE,
+            "must be a built-in chat template (" + ", ".join(BUILTIN_CHAT_TEMPLATES) + ") or a Jinja "
+            "template (with {{ ... }} or {% ... %})",
+            lambda v: v in BUILTIN_CHAT_TEMPLATES or "{{" in v or "{%" in v,
+        ),
+    ),
+    min_length=1,
+)
+
 # The string types of the API.
 Name = Annotated[str, WIRE_STR, DNS_SUBDOMAIN]
 Quantity = Annotated[str, WIRE_STR, QUANTITY]
@@ -714,9 +734,29 @@ class ModelSource(_Model):
     """A local folder (or a folder on a mounted volume) holding the model, instead of `id`."""
     trust_remote_code: Bool = False
     """Run Python code shipped in the model repository. Off by default: it runs unreviewed code."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = None
+    """Attention kernel. `flash_attention_2` needs a GPU and the flash-attn package in the image (the
+    trainer says so before loading anything when it is missing). Unset: `sdpa`, or what
+    `training.packing: bfd` needs for this model family."""
 
 
-DatasetFormat = Literal["text", "alpaca", "chat"]
+DatasetFormat = Literal["text", "alpaca", "chat", "completion"]
+TrainOn = Literal["completion", "assistant", "all"]
+# What `trainOn` unset means, per format: the loss on what the model should learn to write.
+DEFAULT_TRAIN_ON: dict[str, TrainOn] = {
+    "text": "all",
+    "alpaca": "completion",
+    "completion": "completion",
+    "chat": "assistant",
+}
+# `trainOn` values each format can honour.
+TRAIN_ON_BY_FORMAT: dict[str, tuple[TrainOn, ...]] = {
+    "text": ("all",),
+    "alpaca": ("completion", "all"),
+    "completion": ("completion", "all"),
+    "chat": ("assistant", "all"),
+}
+MAX_DATASET_SOURCES = 16
 
 
 class ValidationSplit(_Model):
@@ -759,35 +799,51 @@ def _all_end_with(*suffixes: str) -> str:
     return "self.files.all(f, " + " || ".join(f"f.lowerAscii().endsWith('{s}')" for s in suffixes) + ")"
 
 
-class DatasetSource(_Model):
-    """The training data: a Hub dataset at a pinned revision, or local jsonl/csv/parquet files."""
+def _train_on_fits(fmt: str | None, train_on: str | None) -> bool:
+    return train_on is None or train_on in TRAIN_ON_BY_FORMAT[fmt or "text"]
+
+
+_TRAIN_ON_RULE = Rule(
+    "!has(self.trainOn) || "
+    + " || ".join(
+        f"((has(self.format) ? self.format : 'text') == '{fmt}' && self.trainOn in {list(values)!r})"
+        for fmt, values in TRAIN_ON_BY_FORMAT.items()
+    ),
+    "trainOn must suit the format: text trains on all; alpaca and completion on completion or all; "
+    "chat on assistant or all",
+    lambda m: _train_on_fits(m.format, m.train_on),
+    field="trainOn",
+)
+_FILES_RULE = Rule(
+    "!has(self.files) || "
+    + " || ".join(
+        _all_end_with(*[s for s, k in DATA_FILE_TYPES.items() if k == kind])
+        for kind in dict.fromkeys(DATA_FILE_TYPES.values())
+    ),
+    "dataset.files must be files of one type: use .jsonl, .json, .csv or .parquet files, not a mix",
+    lambda m: _one_file_type(m.files),
+    field="files",
+)
+
+
+class DatasetPart(_Model):
+    """One source of training rows: a Hub dataset at a pinned revision, or local jsonl/csv/parquet
+    files, with its own format and fields. A dataset is one source, or a mix of them (`sources`)."""
 
     RULES = (
         Rule(
             "has(self.id) != has(self.files)",
-            "set exactly one of dataset.id (a Hub dataset) or dataset.files (local files)",
+            "set exactly one of id (a Hub dataset) or files (local files)",
             lambda m: (m.id is None) != (m.files is None),
         ),
-        Rule(
-            "!has(self.files) || "
-            + " || ".join(
-                _all_end_with(*[s for s, k in DATA_FILE_TYPES.items() if k == kind])
-                for kind in dict.fromkeys(DATA_FILE_TYPES.values())
-            ),
-            "dataset.files must be files of one type: use .jsonl, .json, .csv or .parquet files, not a mix",
-            lambda m: _one_file_type(m.files),
-            field="files",
-        ),
-        Rule(
-            "!has(self.validation) || !has(self.validation.split) || has(self.id)",
-            "validation.split needs a Hub dataset (dataset.id); use validation.fraction with local files",
-            lambda m: m.validation is None or m.validation.split is None or m.id is not None,
-        ),
+        _FILES_RULE,
+        _TRAIN_ON_RULE,
     )
     model_config = with_rules(*RULES)
 
     id: HubId | None = None
-    """Hub dataset id, e.g. `timdettmers/openassistant-guanaco`."""
+    """Hub dataset id, e.g. `timdettmers/openassistant-guanaco`. The revision is resolved to its commit
+    before loading, and that commit is what is trained on (and recorded in the model card)."""
     revision: Revision = "main"
     """Hub revision (branch, tag or commit) of `id`."""
     split: Identifier = "train"
@@ -797,16 +853,103 @@ class DatasetSource(_Model):
     format: DatasetFormat = "text"
     """How rows become training text. `text`: one column of ready text (`textField`).
     `alpaca`: `instruction`/`input`/`output` columns in the Alpaca prompt.
-    `chat`: a list of `{role, content}` messages (`messagesField`) rendered with the tokenizer's
-    chat template."""
+    `completion`: a prompt column (`promptField`) and a completion column (`completionField`).
+    `chat`: a list of `{role, content}` messages (`messagesField`) rendered with the chat template
+    (`dataset.chatTemplate`, else the tokenizer's)."""
     text_field: Identifier = "text"
     """Column with the training text, for `format: text`."""
     messages_field: Identifier = "messages"
     """Column with the chat messages, for `format: chat`."""
+    prompt_field: Identifier = "prompt"
+    """Column with the prompt, for `format: completion`."""
+    completion_field: Identifier = "completion"
+    """Column with the completion, for `format: completion`."""
+    train_on: TrainOn | None = None
+    """Which tokens carry the loss. `completion`: the response only (alpaca, completion). `assistant`:
+    the assistant turns only (chat; from the template's `{% generation %}` markers, else by role).
+    `all`: every token, prompts and user turns included. Unset: `completion` for alpaca and
+    completion data, `assistant` for chat, `all` for text."""
+    weight: Number | None = Field(default=None, gt=0, le=100)
+    """How much of this source goes into the mix, as a multiple of its cleaned rows: `0.5` samples half
+    of them, `2` takes every row twice (seeded by `training.seed`). Unset: 1."""
+    max_rows: Int | None = Field(default=None, ge=1)
+    """At most this many of its cleaned rows (a seeded sample), after `weight`."""
+
+    def effective_train_on(self) -> TrainOn:
+        return self.train_on or DEFAULT_TRAIN_ON[self.format]
+
+
+# The fields of a source, which a mix sets per source: (wire name, Python name, default). Written at the
+# top of a mix with their default they change nothing (the trainer's spec file has every default).
+_PER_SOURCE: tuple[tuple[str, str, Any], ...] = (
+    ("format", "format", "text"),
+    ("textField", "text_field", "text"),
+    ("messagesField", "messages_field", "messages"),
+    ("promptField", "prompt_field", "prompt"),
+    ("completionField", "completion_field", "completion"),
+    ("trainOn", "train_on", None),
+    ("weight", "weight", None),
+    ("maxRows", "max_rows", None),
+    ("revision", "revision", "main"),
+    ("split", "split", "train"),
+)
+
+
+class DatasetSource(DatasetPart):
+    """The training data: one source (a Hub dataset or local files, with the fields of a source
+    here), or a mix of several (`sources`), cleaned and deduplicated together."""
+
+    RULES = (
+        Rule(
+            "[has(self.id), has(self.files), has(self.sources)].filter(x, x).size() == 1",
+            "set exactly one of dataset.id (a Hub dataset), dataset.files (local files) or "
+            "dataset.sources (a mix)",
+            lambda m: [m.id is not None, m.files is not None, m.sources is not None].count(True) == 1,
+        ),
+        Rule(
+            "!has(self.sources) || !("
+            + " || ".join(
+                f"(has(self.{wire}) && self.{wire} != {default!r})" if default is not None else f"has(self.{wire})"
+                for wire, _, default in _PER_SOURCE
+            )
+            + ")",
+            "with dataset.sources, set "
+            + ", ".join(wire for wire, _, _ in _PER_SOURCE)
+            + " on each source, not on dataset",
+            lambda m: m.sources is None
+            or all(getattr(m, name) == (default if default is not None else None) for _, name, default in _PER_SOURCE),
+        ),
+        _FILES_RULE,
+        _TRAIN_ON_RULE,
+        Rule(
+            "!has(self.validation) || !has(self.validation.split) || has(self.id)",
+            "validation.split needs a Hub dataset (dataset.id); use validation.fraction with local files "
+            "or dataset.sources",
+            lambda m: m.validation is None or m.validation.split is None or m.id is not None,
+        ),
+    )
+    model_config = with_rules(*RULES)
+
+    sources: list[DatasetPart] | None = Field(default=None, min_length=1, max_length=MAX_DATASET_SOURCES)
+    """A mix of sources, each with its own format, fields, split, `weight` and `maxRows`, instead of
+    `id`/`files`. Empty and duplicate rows are dropped across the mix (first source first), the rows
+    are shuffled together by `training.seed`, and the counts of each source go into metrics.json and
+    the model card."""
     validation: ValidationSplit | None = None
     """Evaluation data. Unset: no evaluation."""
     dedup: Bool = True
     """Drop exact duplicate rows (after dropping empty ones) before training."""
+    chat_template: Annotated[str, WIRE_STR, CHAT_TEMPLATE] | None = None
+    """The chat template to train and chat with: a built-in (`chatml`, `llama-2`, `alpaca`, `guanaco`
+    for `### Human: / ### Assistant:`) or an inline Jinja template. It is saved with the tokenizer, so
+    the pushed model chats the way it was trained. Unset: the tokenizer's own."""
+
+    def parts(self) -> list[DatasetPart]:
+        """The sources of the rows: `sources`, or this dataset as its one source."""
+        if self.sources is not None:
+            return list(self.sources)
+        fields = {name: getattr(self, name) for name in DatasetPart.model_fields}
+        return [DatasetPart.model_construct(_fields_set=self.model_fields_set & set(fields), **fields)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -829,6 +972,15 @@ class LoraSpec(_Model):
     every linear layer but the output head."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained."""
+    modules_to_save: list[Identifier] | None = Field(default=None, min_length=1, max_length=32)
+    """Modules trained in full and saved with the adapter, e.g. `[embed_tokens, lm_head]` when new
+    tokens are added (a chat template's). Each is a full trainable copy: `kubetune plan` counts it."""
+    use_dora: Bool = False
+    """DoRA: weight-decomposed LoRA (a learned magnitude per output feature), closer to full fine-tuning
+    at small ranks; slower per step."""
+    rs_lora: Bool = False
+    """Rank-stabilized LoRA: scale the update by `alpha / sqrt(r)` instead of `alpha / r`, which keeps
+    high ranks learning."""
 
 
 class QuantizationSpec(_Model):
@@ -921,6 +1073,50 @@ def _wire_packing(value: Any) -> Any:
             "and cut into blockSize blocks) or bfd (whole rows packed, no attention across them)"
         )
     return value
+
+
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+TrackerText = Annotated[str, WIRE_STR, text(2048)]
+
+
+class MlflowSpec(_Model):
+    """MLflow settings (`training.reportTo: [mlflow]`)."""
+
+    tracking_uri: TrackerText | None = None
+    """`MLFLOW_TRACKING_URI`, e.g. `http://mlflow.mlflow:5000`. Unset: a file store in the run folder
+    (`<run>/mlruns`, on the workspace)."""
+    experiment: TrackerText | None = None
+    """`MLFLOW_EXPERIMENT_NAME`. Unset: the FineTuneJob's name."""
+    username: TrackerText | None = None
+    """`MLFLOW_TRACKING_USERNAME`, for a server with basic authentication."""
+    password: SecretSource | None = None
+    """`MLFLOW_TRACKING_PASSWORD`, only as a Secret reference."""
+    token: SecretSource | None = None
+    """`MLFLOW_TRACKING_TOKEN` (a bearer token), only as a Secret reference."""
+
+
+class WandbSpec(_Model):
+    """Weights & Biases settings (`training.reportTo: [wandb]`)."""
+
+    project: TrackerText | None = None
+    """`WANDB_PROJECT`. Unset: `kubetune`."""
+    entity: TrackerText | None = None
+    """`WANDB_ENTITY`: the team or user. Unset: the API key's default."""
+    base_url: TrackerText | None = None
+    """`WANDB_BASE_URL`, for a self-hosted W&B server."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` writes the run to the run folder (`<run>/wandb`) for a later `wandb sync`, with no
+    network and no key."""
+    api_key: SecretSource | None = None
+    """`WANDB_API_KEY`, only as a Secret reference. Needed for `mode: online`."""
+
+
+class TrackersSpec(_Model):
+    """Experiment tracker settings. Credentials come only from Secrets (`secretKeyRef`), like the Hub
+    token, and never reach the spec, the logs or the model card."""
+
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
 
 
 class TrainingSpec(_Model):
@@ -1016,6 +1212,14 @@ class TrainingSpec(_Model):
     """Stop when the validation loss has not improved for N evaluations. Needs `dataset.validation`."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Multi-GPU strategy through accelerate: `ddp` replicates the model, `fsdp` shards it."""
+    neftune_noise_alpha: Number | None = Field(default=None, gt=0, le=100)
+    """NEFTune: add uniform noise of this scale to the input embeddings while training (`5` in the
+    paper), which often helps instruction tuning. Unset: off."""
+    report_to: list[Tracker] = Field(default_factory=list, max_length=3)
+    """Experiment trackers to log to: `tensorboard` (event files in the run folder, on the workspace),
+    `mlflow`, `wandb`. Their settings and credentials are in `training.trackers`. Empty: none."""
+    trackers: TrackersSpec = Field(default_factory=lambda: TrackersSpec())
+    """Settings of the experiment trackers in `reportTo`."""
 
     def effective_max_steps(self) -> int:
         """-1 means "run `epochs` epochs" (the transformers convention)."""
@@ -1184,8 +1388,15 @@ class OutputSpec(_Model):
     push_adapter: Bool = True
     """Push the LoRA adapter (ignored for `method.type: full`, which pushes the full model)."""
     push_merged: Bool = False
-    """Also merge the adapter into the (unquantized) base weights and push the merged model, under
-    `merged/` in the same repository."""
+    """Kept for older files: `merged: true` with `output.hub`, and it needs `output.hub`."""
+    merged: Bool = False
+    """Also merge the adapter into the (unquantized) base weights and save the merged model, with its
+    own model card, in `<run folder>/merged/`; with `output.hub` it is pushed under `merged/` in the
+    same repository. Ignored for `method.type: full`."""
+
+    @property
+    def wants_merged(self) -> bool:
+        return self.merged or self.push_merged
 
 
 class SamplesSpec(_Model):
@@ -1372,6 +1583,10 @@ class FineTuneJobStatus(_Model):
     """The PersistentVolumeClaim mounted as the workspace (none with `storage.ephemeral`)."""
     output_path: Str | None = None
     """Where the current run writes its results: `<output.path>/runs/<run name>`."""
+    base_model_commit: Str | None = None
+    """The Hub commit `model.revision` resolved to, which the run trained on (as the trainer reported)."""
+    hub_commit_url: Str | None = None
+    """The Hub commit of the run's push (`output.hub`), as the trainer reported it."""
     observed_generation: Int | None = None
     start_time: Str | None = None
     completion_time: Str | None = None
