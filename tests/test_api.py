@@ -239,3 +239,57 @@ def test_status_and_metadata_keep_what_the_api_server_and_operator_write() -> No
     job = FineTuneJob.model_validate(obj)
     assert job.status is not None and job.status.state == "Running"
     assert job.metadata.model_extra and job.metadata.model_extra["resourceVersion"] == "42"
+
+
+def test_a_dataset_is_its_parts() -> None:
+    """Trainer, planner and card read `dataset.parts()`: the one source, or each source of a mix."""
+    one = FineTuneJobSpec.model_validate(
+        {**MINIMAL, "dataset": {"files": ["a.jsonl"], "format": "alpaca", "maxRows": 10}}
+    ).dataset
+    [part] = one.parts()
+    assert (part.files, part.format, part.max_rows, part.weight) == (["a.jsonl"], "alpaca", 10, None)
+    assert part.effective_train_on() == "completion"
+    mix = FineTuneJobSpec.model_validate(
+        {
+            **MINIMAL,
+            "dataset": {
+                "sources": [
+                    {"id": "org/chat", "format": "chat", "split": "train_sft", "weight": 0.5},
+                    {"files": ["b.csv"], "format": "completion", "trainOn": "all"},
+                    {"id": "org/text", "revision": "v1"},
+                ],
+                "validation": {"fraction": 0.05},
+            },
+        }
+    ).dataset
+    parts = mix.parts()
+    assert [(p.id, p.revision, p.split, p.format) for p in parts] == [
+        ("org/chat", "main", "train_sft", "chat"),
+        (None, "main", "train", "completion"),
+        ("org/text", "v1", "train", "text"),
+    ]
+    assert [p.effective_train_on() for p in parts] == ["assistant", "all", "all"]
+    assert [p.weight for p in parts] == [0.5, None, None]
+    # The top of a mix holds no source of its own.
+    assert (mix.id, mix.files) == (None, None)
+
+
+def test_a_mix_round_trips_through_the_trainer_s_spec_file() -> None:
+    """The spec file writes every default out, at the top of a mix too: it must validate again."""
+    job = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "mix"},
+            "spec": {
+                **MINIMAL,
+                "dataset": {"sources": [{"id": "org/a"}, {"files": ["b.jsonl"], "weight": 2}]},
+            },
+        }
+    )
+    dumped = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert dumped["spec"]["dataset"]["format"] == "text"  # a default, written out
+    again = FineTuneJob.model_validate(dumped)
+    assert [p.model_dump() for p in again.spec.dataset.parts()] == [
+        p.model_dump() for p in job.spec.dataset.parts()
+    ]

@@ -169,3 +169,32 @@ def test_run_local_trains_through_the_same_launcher_as_the_cluster(tmp_path: Pat
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_validate_lists_the_fields_of_optional_nested_models(tmp_path: Path) -> None:
+    """Issue 11: the hint under method.lora and method.quantization (optional models) was an empty
+    "known fields:" list."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: kubetune.io/v1alpha1\n"
+        "kind: FineTuneJob\n"
+        "metadata: {name: bad}\n"
+        "spec:\n"
+        "  model: {id: tiiuae/falcon-7b}\n"
+        "  dataset: {id: timdettmers/openassistant-guanaco}\n"
+        "  method:\n"
+        "    lora:\n"
+        "      rank: 16\n"
+        "      useDoRA: true\n"
+        "    quantization:\n"
+        "      kind: nf4\n"
+    )
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{bad}:9: spec.method.lora.rank: unknown field 'rank'; known fields: r, alpha, dropout, "
+        "targetModules, bias, modulesToSave, useDora, rsLora",
+        f"{bad}:10: spec.method.lora.useDoRA: unknown field 'useDoRA'; did you mean 'useDora'?",
+        f"{bad}:12: spec.method.quantization.kind: unknown field 'kind'; known fields: bits, quantType, "
+        "doubleQuant, computeDtype",
+    ]

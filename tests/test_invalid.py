@@ -63,6 +63,16 @@ def _both(*fns: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], 
     return apply
 
 
+def _mix(sources: list[dict[str, Any]], **top: Any) -> Callable[[dict[str, Any]], None]:
+    """The base's dataset replaced by a mix of ``sources`` (with ``top`` fields on dataset itself)."""
+    return _both(
+        _drop("spec.dataset.id"),
+        _set("spec.dataset.validation", {"fraction": 0.1}),
+        _set("spec.dataset.sources", sources),
+        *(_set(f"spec.dataset.{k}", v) for k, v in top.items()),
+    )
+
+
 # (id, mutation, reported field path, fragment of the message)
 CASES = [
     (
@@ -397,6 +407,111 @@ CASES = [
         "lowercase DNS name",
     ),
     ("image-whitespace", _set("spec.image", " ghcr.io/x/trainer "), "spec.image", "whitespace"),
+    # Dataset mixes (dataset.sources), trainOn and chatTemplate.
+    (
+        "dataset-sources-and-id",
+        _set("spec.dataset.sources", [{"id": "org/a"}]),
+        "spec.dataset",
+        "exactly one of dataset.id (a Hub dataset), dataset.files (local files) or dataset.sources",
+    ),
+    (
+        "dataset-sources-field-on-top",
+        _mix([{"id": "org/a"}], format="alpaca"),
+        "spec.dataset",
+        "set format, textField, messagesField, promptField, completionField, trainOn, weight, maxRows, "
+        "revision, split on each source, not on dataset",
+    ),
+    (
+        "dataset-sources-validation-split",
+        _both(_drop("spec.dataset.id"), _set("spec.dataset.sources", [{"id": "org/a"}])),
+        "spec.dataset",
+        "use validation.fraction with local files or dataset.sources",
+    ),
+    ("dataset-sources-empty", _mix([]), "spec.dataset.sources", "at least 1 item"),
+    (
+        "dataset-sources-9",
+        _mix([{"id": f"org/a{i}"} for i in range(9)]),
+        "spec.dataset.sources",
+        "at most 8",
+    ),
+    (
+        "source-neither-id-nor-files",
+        _mix([{"id": "org/a"}, {"format": "chat"}]),
+        "spec.dataset.sources[1]",
+        "exactly one of id (a Hub dataset) or files (local files)",
+    ),
+    (
+        "source-files-of-two-types",
+        _mix([{"files": ["a.jsonl", "b.csv"]}]),
+        "spec.dataset.sources[0].files",
+        "files of one type",
+    ),
+    (
+        "source-train-on-unfit",
+        _mix([{"id": "org/a", "format": "chat", "trainOn": "completion"}]),
+        "spec.dataset.sources[0].trainOn",
+        "chat on assistant or all",
+    ),
+    (
+        "source-weight-zero",
+        _mix([{"id": "org/a"}, {"id": "org/b", "weight": 0}]),
+        "spec.dataset.sources[1].weight",
+        "greater than 0",
+    ),
+    (
+        "source-weight-over-100",
+        _mix([{"id": "org/a", "weight": 101}]),
+        "spec.dataset.sources[0].weight",
+        "less than or equal to 100",
+    ),
+    (
+        "source-max-rows-zero",
+        _mix([{"id": "org/a", "maxRows": 0}]),
+        "spec.dataset.sources[0].maxRows",
+        "greater than or equal to 1",
+    ),
+    (
+        "source-format-typo",
+        _mix([{"id": "org/a", "format": "sharegpt"}]),
+        "spec.dataset.sources[0].format",
+        "'completion'",
+    ),
+    (
+        "source-field-typo",
+        _mix([{"id": "org/a", "wieght": 2}]),
+        "spec.dataset.sources[0].wieght",
+        "did you mean 'weight'",
+    ),
+    (
+        "source-token-as-revision",
+        _mix([{"id": "org/a", "revision": FAKE_TOKEN}]),
+        "spec.dataset.sources[0].revision",
+        "store it in a Secret",
+    ),
+    (
+        "train-on-text-completion",
+        _set("spec.dataset.trainOn", "completion"),
+        "spec.dataset.trainOn",
+        "text trains on all",
+    ),
+    (
+        "train-on-typo",
+        _set("spec.dataset.trainOn", "inputs"),
+        "spec.dataset.trainOn",
+        "'completion', 'assistant' or 'all'",
+    ),
+    (
+        "chat-template-unknown-name",
+        _set("spec.dataset.chatTemplate", "mistral"),
+        "spec.dataset.chatTemplate",
+        "built-in chat template (chatml",
+    ),
+    (
+        "chat-template-empty",
+        _set("spec.dataset.chatTemplate", ""),
+        "spec.dataset.chatTemplate",
+        "must not be empty",
+    ),
     # Hub repository ids: the Hub's own rules.
     (
         "hub-id-double-dash",
@@ -567,3 +682,124 @@ def test_invalid_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
     file.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n")
     [problem] = validate_paths([file]).problems
     assert problem.path == "<yaml>" and problem.line >= 3 and "invalid YAML" in problem.message
+
+
+# --------------------------------------------------------------------------------------------------
+# "did you mean" / "known fields": the real fields of every nested model
+# --------------------------------------------------------------------------------------------------
+
+
+def _models_in(annotation: Any) -> list[tuple[tuple[int | str, ...], Any]]:
+    """The models an annotation holds, each with the path step its container adds (a list item: 0, a
+    dict value: a key): `X | None`, `Annotated[X, ...]`, `list[X]`, `dict[str, X]`."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [((), annotation)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return [((0, *step), m) for step, m in _models_in(args[0])]
+    if origin is dict:
+        return [(("key", *step), m) for step, m in _models_in(args[1])]
+    if origin is typing.Annotated:
+        return _models_in(args[0])
+    return [found for arg in args for found in _models_in(arg)]
+
+
+def _nested_models() -> list[tuple[tuple[int | str, ...], Any]]:
+    """Every model under FineTuneJob's spec and metadata that refuses unknown fields, by the wire path to
+    it (each model once)."""
+    from kubetune.api.v1alpha1 import FineTuneJob
+
+    out: list[tuple[tuple[int | str, ...], Any]] = []
+    seen: set[Any] = set()
+
+    def walk(model: Any, path: tuple[int | str, ...]) -> None:
+        for name, f in model.model_fields.items():
+            wire = f.alias or name
+            if not path and wire not in ("spec", "metadata"):
+                continue
+            for step, inner in _models_in(f.annotation):
+                if inner in seen:
+                    continue
+                seen.add(inner)
+                here = (*path, wire, *step)
+                if inner.model_config.get("extra") == "forbid":  # metadata takes any Kubernetes field
+                    out.append((here, inner))
+                walk(inner, here)
+
+    walk(FineTuneJob, ())
+    return out
+
+
+def _dotted(path: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+NESTED = _nested_models()
+
+
+def test_every_nested_model_is_walked() -> None:
+    paths = {_dotted(p) for p, _ in NESTED}
+    for optional in (
+        "spec.method.lora",
+        "spec.method.quantization",
+        "spec.dataset.validation",
+        "spec.output.hub",
+    ):
+        assert optional in paths
+    assert len(NESTED) >= 20
+
+
+@pytest.mark.parametrize(("path", "model"), NESTED, ids=[_dotted(p) for p, _ in NESTED])
+def test_unknown_field_lists_the_real_fields(path: tuple[int | str, ...], model: Any) -> None:
+    """An unknown field under any nested model (optional ones too: method.lora, method.quantization, ...)
+    names that model's fields, by their wire names."""
+    from kubetune.api.load import validate_bytes
+
+    doc = copy.deepcopy(BASE)
+    node: Any = doc
+    for step, following in zip(path, (*path[1:], None), strict=True):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(step, int):
+            while len(node) <= step:
+                node.append(empty)
+            node = node[step]
+        else:
+            if not isinstance(node.get(step), (dict, list)):
+                node[step] = empty
+            node = node[step]
+    node["zzzq"] = 1
+    problems = validate_bytes(yaml.safe_dump(doc, sort_keys=False).encode(), "job.yaml").problems
+    where = _dotted((*path, "zzzq"))
+    found = [p for p in problems if p.path == where]
+    assert found, [str(p) for p in problems]
+    fields = [f.alias or n for n, f in model.model_fields.items()]
+    assert found[0].message == f"unknown field 'zzzq'; known fields: {', '.join(fields)}"
+
+
+@pytest.mark.parametrize(
+    ("path", "typo", "meant"),
+    [
+        ("spec.method.lora", "useDoRA", "useDora"),
+        ("spec.method.lora", "modulesToSafe", "modulesToSave"),
+        ("spec.method.quantization", "doubleQuantization", "doubleQuant"),
+        ("spec.model", "attnImplementaton", "attnImplementation"),
+        ("spec.training", "neftuneAlpha", "neftuneNoiseAlpha"),
+    ],
+)
+def test_typos_under_optional_models_get_did_you_mean(path: str, typo: str, meant: str) -> None:
+    from kubetune.api.load import validate_bytes
+
+    doc = copy.deepcopy(BASE)
+    node: Any = doc
+    for part in path.split("."):
+        node = node.setdefault(part, {})
+    node[typo] = True
+    [problem] = validate_bytes(yaml.safe_dump(doc, sort_keys=False).encode(), "job.yaml").problems
+    assert (problem.path, problem.message) == (
+        f"{path}.{typo}",
+        f"unknown field '{typo}'; did you mean '{meant}'?",
+    )

@@ -321,6 +321,53 @@ def test_a_missing_secret_stops_the_pass_before_anything_is_created() -> None:
     assert [e[:2] for e in kube.events] == [("Warning", "SecretMissing")]
 
 
+TRACKERS = {
+    "mlflow": {
+        "password": {"secretKeyRef": {"name": "mlflow", "key": "password"}},
+        "token": {"secretKeyRef": {"name": "mlflow", "key": "token"}},
+    },
+    "wandb": {"apiKey": {"secretKeyRef": {"name": "wandb", "key": "apiKey"}}},
+}
+
+
+def test_the_trackers_secrets_are_checked_like_the_hub_tokens() -> None:
+    kube = FakeKube(ftj(training={"reportTo": ["mlflow", "wandb"], "trackers": TRACKERS}), secrets=("hf",))
+    now = [0.0]
+    r = Reconciler(kube, sync(Cache(kube), kube), clock=lambda: NOW, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    assert settle(r) == 10.0
+    assert not [c for c in kube.calls if c[0] == "create"]
+    # Each Secret asked about once, the one holding two of the run's keys too.
+    assert [c[2] for c in kube.calls if c[1] == "Secret"] == ["hf", "mlflow", "wandb"]
+
+    def said() -> str:
+        [running] = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "Running"]
+        assert running["reason"] == kube.ftj["status"]["reason"] == "SecretMissing"
+        return str(running["message"])
+
+    message = said()
+    assert 'the Secret "mlflow" with keys "password", "token"' in message
+    assert "--from-literal=password=<MLflow password> --from-literal=token=<MLflow token>" in message
+    assert 'the Secret "wandb" with key "apiKey"' in message
+    assert '"hf"' not in message and message.endswith("the run starts once they exist")
+    # One created: the other is still missing (a new message only, which waits for DETAIL_DELAY_SECONDS).
+    kube.secrets.add("mlflow")
+    settle(r)
+    now[0] += DETAIL_DELAY_SECONDS
+    settle(r)
+    message = said()
+    assert '"mlflow"' not in message and message.endswith("the run starts once it exists")
+    kube.secrets.add("wandb")
+    settle(r)
+    assert ("Job", kube.ftj["status"]["jobName"]) in kube.objects
+
+
+def test_the_secrets_of_a_tracker_not_reported_to_are_not_asked_for() -> None:
+    kube = FakeKube(ftj(training={"reportTo": ["tensorboard"], "trackers": TRACKERS}), secrets=("hf",))
+    settle(reconciler(kube))
+    assert [c[2] for c in kube.calls if c[1] == "Secret"] == ["hf"]
+    assert ("Job", kube.ftj["status"]["jobName"]) in kube.objects
+
+
 def test_a_secret_the_operator_may_not_read_does_not_block(caplog: pytest.LogCaptureFixture) -> None:
     kube = FakeKube(ftj(), secrets=())
     kube.fail[("get", "Secret")] = api_error(403)

@@ -417,6 +417,151 @@ def test_time_comes_from_the_gpu_peak() -> None:
     assert plan.estimate(spec(), shape).step_seconds is None  # no GPU: no time
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA options: modulesToSave, DoRA; the attention kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_analytic_module_names_are_the_models(name: str) -> None:
+    """modulesToSave is matched against module names: the analytic ones are transformers' own."""
+    pytest.importorskip("transformers")
+    config, _ = PUBLISHED[name]
+    analytic, meta = plan.shape_from_config(config), plan.exact_shape(config)
+    assert dict(analytic.modules) == dict(meta.modules)
+    assert analytic.embedding_module == meta.embedding_module != ""
+
+
+def test_modules_to_save_params_follow_peft_matching() -> None:
+    llama = plan.shape_from_config(LLAMA2_7B)  # untied head
+    v, h, layers = 32000, 4096, 32
+    assert plan.modules_to_save_params(llama, ["lm_head"]) == v * h
+    assert plan.modules_to_save_params(llama, ["embed_tokens", "lm_head"]) == 2 * v * h
+    # peft's rule is a suffix of the name: "norm" takes both norms of every layer and the final one.
+    assert plan.modules_to_save_params(llama, ["norm"]) == (2 * layers + 1) * h
+    assert plan.modules_to_save_params(llama, ["layers.0.mlp"]) == 3 * h * 11008  # a container, one layer
+    assert plan.modules_to_save_params(llama, ["no_such_module"]) == 0
+    qwen = plan.shape_from_config(QWEN2_05B)  # tied: one copy serves the embeddings and the head
+    vq, hq = QWEN2_05B["vocab_size"], QWEN2_05B["hidden_size"]
+    assert plan.modules_to_save_params(qwen, ["lm_head"]) == vq * hq
+    assert plan.modules_to_save_params(qwen, ["embed_tokens", "lm_head"]) == vq * hq
+
+
+@pytest.mark.trainer
+@pytest.mark.parametrize(
+    ("tied", "names"),
+    [
+        (False, ["lm_head"]),
+        (False, ["embed_tokens", "lm_head", "norm"]),
+        (True, ["lm_head"]),
+        (True, ["embed_tokens", "lm_head"]),
+        (False, ["mlp.down_proj", "post_attention_layernorm"]),
+    ],
+)
+def test_modules_to_save_params_are_what_peft_trains(tied: bool, names: list[str]) -> None:
+    """The planner's count of the full copies against peft's: the trainable parameters of a real peft
+    model (LoRA on q/v, with the trainer's LoraConfig) less its LoRA matrices."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from kubetune.trainer import config as cfg
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "tie_word_embeddings": tied,
+    }
+    job = spec(
+        method={
+            "type": "lora",
+            "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"], "modulesToSave": names},
+        }
+    )
+    kwargs = cfg.lora_config_kwargs(job, "llama", tied_embeddings=tied)
+    assert kwargs is not None and kwargs.get("ensure_weight_tying", False) == tied
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(hf), peft.LoraConfig(**kwargs))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    for shape in (plan.shape_from_config(config), plan.exact_shape(config)):
+        assert plan.modules_to_save_params(shape, names) == trainable - lora
+
+
+def test_modules_to_save_adds_copies_gradients_and_optimizer_state() -> None:
+    shape = plan.shape_from_config(LLAMA2_7B)
+    copies = 2 * 32000 * 4096  # embed_tokens and the untied lm_head
+    base = plan.estimate(spec(), shape)
+    saved = plan.estimate(spec(method={"lora": {"modulesToSave": ["embed_tokens", "lm_head"]}}), shape)
+    c, b = saved.components, base.components
+    assert b["modules_to_save"] == 0
+    # QLoRA: bf16 copies (TRL's cast), bf16 gradients, paged_adamw_32bit's two fp32 moments.
+    assert c["modules_to_save"] == 2 * copies
+    assert c["gradients"] - b["gradients"] == 2 * copies
+    assert c["optimizer"] - b["optimizer"] == 8 * copies
+    assert saved.params["trainable"] - base.params["trainable"] == copies
+    assert c["weights"] == b["weights"]  # the frozen originals stay
+    assert saved.total_bytes - base.total_bytes > 12 * copies  # ~3 GiB more: 2 GiB per 131M-weight copy
+    # Without mixed precision the trainer keeps them float32; an unquantized bf16 LoRA base: bf16.
+    fp32 = plan.estimate(
+        spec(method={"lora": {"modulesToSave": ["lm_head"]}}, training={"mixedPrecision": "no"}), shape
+    )
+    assert fp32.components["modules_to_save"] == 4 * copies // 2
+    lora = plan.settings(spec(method={"type": "lora", "lora": {"modulesToSave": ["lm_head"]}}), "llama")
+    assert lora.modules_to_save_dtype == "bfloat16" and lora.modules_to_save == ("lm_head",)
+    assert plan.estimate(spec(method={"type": "full"}), shape).components["modules_to_save"] == 0
+
+
+def test_dora_adds_magnitudes_activations_and_its_dense_scratch() -> None:
+    shape = plan.shape_from_config(LLAMA2_7B)
+    h, i, layers = 4096, 11008, 32
+    outs = 5 * h + 2 * i  # the output features of q, k, v, o (no GQA in Llama 2 7B), gate, up, down
+    for checkpointing in (True, False):
+        training = {"gradientCheckpointing": checkpointing}
+        lora = plan.estimate(spec(training=training), shape)
+        dora = plan.estimate(spec(method={"lora": {"useDora": True}}, training=training), shape)
+        c, b = dora.components, lora.components
+        assert dora.params["trainable"] - lora.params["trainable"] == layers * outs
+        assert c["lora"] - b["lora"] == 4 * layers * outs  # float32 magnitudes
+        assert c["gradients"] - b["gradients"] == 4 * layers * outs
+        # The dense update of down_proj (11008 x 11008 identity, then 11008 x 4096 three times), in bf16.
+        assert c["dora_scratch"] == 2 * (i * i + 3 * i * h) and b["dora_scratch"] == 0
+        tokens = 4 * 512
+        # Both outputs of every adapted linear kept for the magnitude's gradient, and, as dropout is on
+        # (the recipe's 0.1) on a 4-bit base, the dequantized weights the base linear runs again on.
+        kept_weights = 2 * (4 * h * h + 3 * h * i)
+        if checkpointing:
+            assert c["recompute"] - b["recompute"] == tokens * 2 * 2 * outs + kept_weights
+            assert c["activations"] == b["activations"]
+        else:
+            assert c["activations"] - b["activations"] == layers * (tokens * 2 * 2 * outs + kept_weights)
+        assert dora.total_bytes > lora.total_bytes
+    no_dropout = plan.estimate(spec(method={"lora": {"useDora": True, "dropout": 0}}), shape)
+    assert no_dropout.total_bytes < plan.estimate(spec(method={"lora": {"useDora": True}}), shape).total_bytes
+
+
+def test_eager_attention_keeps_the_scores() -> None:
+    shape = plan.shape_from_config(LLAMA2_7B)
+    sdpa = plan.estimate(spec(training={"gradientCheckpointing": False}), shape)
+    eager = plan.estimate(
+        spec(
+            model={"id": "org/model", "attnImplementation": "eager"},
+            training={"gradientCheckpointing": False},
+        ),
+        shape,
+    )
+    tokens, heads, seq = 4 * 512, 32, 512
+    extra = 32 * tokens * (heads * seq * (4 + 2) + 4096 * 2)  # fp32 softmax and its bf16 cast, per head
+    assert eager.components["activations"] - sdpa.components["activations"] == extra
+    flash = plan.estimate(spec(model={"id": "org/model", "attnImplementation": "flash_attention_2"}), shape)
+    assert flash.total_bytes == plan.estimate(spec(), shape).total_bytes
+
+
 def test_gpu_table_uses_feature_discovery_names() -> None:
     info = plan.gpu_info("NVIDIA-A100-SXM4-80GB")
     assert info is not None and info.memory_bytes == 81920 * plan.MiB and info.bf16_flops == 312e12
@@ -650,13 +795,26 @@ def test_the_shipped_examples_plan(root: Path) -> None:
 
 
 @pytest.mark.trainer
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activations_are_what_autograd_saves(dropout: float) -> None:
+@pytest.mark.parametrize(
+    ("dropout", "dora", "attention"),
+    [
+        (0.0, False, "sdpa"),
+        (0.1, False, "sdpa"),
+        (0.0, True, "sdpa"),
+        (0.1, True, "sdpa"),
+        (0.0, False, "eager"),
+    ],
+)
+def test_activations_are_what_autograd_saves(dropout: float, dora: bool, attention: str) -> None:
     """The planner's activations (no checkpointing) against the bytes autograd really keeps for backward
-    in transformers' Llama with a peft LoRA adapter on every projection: every tensor a saved-tensor hook
-    sees during the forward pass, counted once per storage, parameters left out. Float32 on the CPU is what
+    in transformers' Llama with a peft LoRA (or DoRA) adapter on every projection: every tensor a
+    saved-tensor hook sees during the forward pass and still alive at its end (DoRA builds a graph for its
+    weight norm that it drops), counted once per storage, parameters left out. Float32 on the CPU is what
     this machine can measure; under bf16 autocast the planner counts the same tensors, the norms' inputs
-    in fp32 and the rest in bf16 (SDPA keeps no seq² scores either way)."""
+    in fp32 and the rest in bf16 (SDPA keeps no seq² scores either way; eager attention does)."""
+    import gc
+    import weakref
+
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -674,22 +832,27 @@ def test_activations_are_what_autograd_saves(dropout: float) -> None:
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
-        **{k: v for k, v in config.items() if k != "model_type"}, attn_implementation="sdpa"
+        **{k: v for k, v in config.items() if k != "model_type"}, attn_implementation=attention
     )
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(targets))
+    lora = peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(targets), use_dora=dora
+    )
     model = peft.get_peft_model(transformers.LlamaForCausalLM(hf_config), lora)
     model.train()
     params = {p.data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    packed: list[tuple[Any, int, int]] = []
 
     def pack(t: Any) -> Any:
         if t.data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
         return t
 
     batch, seq = 2, 128
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.base_model.model.model(input_ids=torch.randint(0, 1024, (batch, seq)))
+        out = model.base_model.model.model(input_ids=torch.randint(0, 1024, (batch, seq)))
+    gc.collect()
+    saved = {ptr: n for ref, ptr, n in packed if ref() is not None}
+    assert out is not None  # the graph (and what it keeps) lives as long as the output
     settings = plan.Settings(
         method="lora",
         bits=None,
@@ -699,6 +862,8 @@ def test_activations_are_what_autograd_saves(dropout: float) -> None:
         lora_targets=targets,
         lora_dtype="float32",
         lora_dropout=dropout > 0,
+        lora_dora=dora,
+        attn_implementation=attention,
         batch_size=batch,
         seq_length=seq,
         gradient_checkpointing=False,
@@ -706,3 +871,74 @@ def test_activations_are_what_autograd_saves(dropout: float) -> None:
     planned = plan.estimate_settings(settings, plan.shape_from_config(config)).components["activations"]
     measured = sum(saved.values())
     assert within(planned, measured, 0.10), f"planned {planned} bytes, autograd kept {measured}"
+
+
+@pytest.mark.trainer
+def test_dora_keeps_the_dequantized_weights_with_dropout(tmp_path: Path) -> None:
+    """With lora dropout on a 4-bit base, peft's DoRA runs the base linear again on the dequantized weight,
+    which autograd keeps: the planner's extra term against the saved tensors alive after a forward pass
+    of kubetune's own 4-bit tiny Llama (what dropout adds with DoRA, less what it adds without)."""
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    import tiny
+    from kubetune.trainer import config as cfg
+    from kubetune.trainer import modeling
+
+    folder = tiny.save_tiny_model(tmp_path / "llama", "llama")
+
+    def kept(dora: bool, dropout: float) -> int:
+        job = FineTuneJobSpec.model_validate(
+            {
+                "model": {"path": str(folder)},
+                "dataset": {"files": ["x.jsonl"]},
+                "method": {
+                    "type": "qlora",
+                    "lora": {"r": 8, "dropout": dropout, "useDora": dora},
+                    "quantization": {"computeDtype": "float32"},
+                },
+                "training": {"gradientCheckpointing": False},
+            }
+        )
+        model = modeling.load_model(job, folder, cfg.Hardware.cpu())
+        model = peft.get_peft_model(model, modeling.lora_config(job, model))
+        model.train()
+        params = {p.data_ptr() for p in model.parameters()}
+        packed: list[tuple[Any, int, int]] = []
+
+        def pack(t: Any) -> Any:
+            if t.data_ptr() not in params:
+                packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            return t
+
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model.base_model.model.model(input_ids=torch.randint(0, 500, (2, 32)))
+        gc.collect()
+        assert out is not None
+        return sum({ptr: n for ref, ptr, n in packed if ref() is not None}.values())
+
+    measured = (kept(True, 0.1) - kept(True, 0.0)) - (kept(False, 0.1) - kept(False, 0.0))
+    shape = plan.exact_shape(json.loads((folder / "config.json").read_text()))
+    settings = plan.Settings(
+        method="qlora",
+        bits=4,
+        compute_dtype="float32",
+        lora_r=8,
+        lora_dora=True,
+        gradient_checkpointing=False,
+    )
+    with_dropout = plan.estimate_settings(settings, shape).components["activations"]
+    without = plan.estimate_settings(
+        plan.Settings(**{**settings.__dict__, "lora_dropout": False}), shape
+    ).components["activations"]
+    lora_only = plan.Settings(**{**settings.__dict__, "lora_dora": False})
+    lora_without = plan.Settings(**{**lora_only.__dict__, "lora_dropout": False})
+    planned = (with_dropout - without) - (
+        plan.estimate_settings(lora_only, shape).components["activations"]
+        - plan.estimate_settings(lora_without, shape).components["activations"]
+    )
+    assert measured > 0 and within(planned, measured, 0.15), f"planned {planned}, autograd kept {measured}"

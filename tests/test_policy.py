@@ -243,7 +243,12 @@ def test_every_secret_a_spec_can_name_is_checked_against_its_author() -> None:
     """The API server refuses a FineTuneJob whose author may not `get` a Secret it names: a new
     secretKeyRef in the models fails this test until the author-access policy checks it too."""
     refs = _secret_refs(FineTuneJobSpec, "spec")
-    assert refs == {"spec.output.hub.token.secretKeyRef.name"}
+    assert refs == {
+        "spec.output.hub.token.secretKeyRef.name",
+        "spec.training.trackers.mlflow.password.secretKeyRef.name",
+        "spec.training.trackers.mlflow.token.secretKeyRef.name",
+        "spec.training.trackers.wandb.apiKey.secretKeyRef.name",
+    }
     checked = {r.field for r in REFERENCES if r.resource == "secrets"}
     assert refs == checked
     assert {r.field for r in REFERENCES if r.resource == "persistentvolumeclaims"} == {

@@ -9,6 +9,8 @@ import yaml
 
 from kubetune.api.v1alpha1 import JOB_NAME_MAX, MAX_NODES, FineTuneJob
 from kubetune.contract import (
+    ANNOTATION_SOURCE_COMMIT,
+    ANNOTATION_SOURCE_REPO,
     ANNOTATION_SPEC_HASH,
     ENV_RUN,
     ENV_TERMINATION_LOG,
@@ -89,6 +91,49 @@ def test_token_only_through_secret_key_ref() -> None:
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok", "optional": True}},
     }
     assert all("value" in e or "valueFrom" in e for e in env)
+
+
+TRACKER_SECRETS = {
+    "mlflow": {
+        "trackingUri": "https://mlflow.example",
+        "password": {"secretKeyRef": {"name": "mlflow", "key": "password"}},
+        "token": {"secretKeyRef": {"name": "mlflow", "key": "token"}},
+    },
+    "wandb": {"apiKey": {"secretKeyRef": {"name": "wandb", "key": "apiKey"}}},
+}
+
+
+def test_tracker_credentials_only_through_optional_secret_key_refs_of_trackers_reported_to() -> None:
+    def secret_env(**training: Any) -> list[tuple[str, str, str, bool]]:
+        env = render_job(job(training=training))["spec"]["template"]["spec"]["containers"][0]["env"]
+        return [
+            (e["name"], r["name"], r["key"], r["optional"])
+            for e in env
+            if (r := e.get("valueFrom", {}).get("secretKeyRef"))
+        ]
+
+    assert secret_env(reportTo=["tensorboard", "mlflow", "wandb"], trackers=TRACKER_SECRETS) == [
+        ("HF_TOKEN", "hf", "tok", True),
+        ("MLFLOW_TRACKING_PASSWORD", "mlflow", "password", True),
+        ("MLFLOW_TRACKING_TOKEN", "mlflow", "token", True),
+        ("WANDB_API_KEY", "wandb", "apiKey", True),
+    ]
+    # Settings of a tracker not reported to give the pod none of its Secrets.
+    assert secret_env(reportTo=["wandb"], trackers=TRACKER_SECRETS) == [
+        ("HF_TOKEN", "hf", "tok", True),
+        ("WANDB_API_KEY", "wandb", "apiKey", True),
+    ]
+    assert secret_env(trackers=TRACKER_SECRETS) == [("HF_TOKEN", "hf", "tok", True)]
+    # The prepare init container gets the same environment (it reads no tracker, but redacts them).
+    rendered = render_job(job(training={"reportTo": ["mlflow"], "trackers": TRACKER_SECRETS}))
+    pod = rendered["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["env"] == pod["containers"][0]["env"]
+    # Nothing else of the trackers is rendered into the pod: the trainer reads the settings from its spec.
+    names = {e["name"] for e in pod["containers"][0]["env"]}
+    assert {n for n in names if n.startswith(("MLFLOW_", "WANDB_"))} == {
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    }
 
 
 def test_trainer_pods_have_no_api_access_and_report_through_their_log() -> None:
@@ -242,13 +287,41 @@ def test_configmap_holds_the_resolved_spec_and_no_secret() -> None:
     # Resolved defaults are written out: the run's lineage does not depend on kubetune's version.
     assert mounted["spec"]["method"]["type"] == "qlora"
     assert mounted["spec"]["output"]["hub"]["token"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
-    assert "uid" not in mounted["metadata"] and "labels" not in mounted["metadata"]
+    assert mounted["metadata"] == {"name": "demo", "namespace": "team-a", "uid": "u-1"}
     # The resolved spec writes storage.size (a default) next to claimName: still valid, in the models
     # and in the CRD's rule, which both let a default through.
     for storage in ({"claimName": "shared"}, {"ephemeral": True}):
         named = yaml.safe_load(by_kind(render(job(storage=storage)))["ConfigMap"]["data"]["job.yaml"])
         assert named["spec"]["storage"]["size"] == "50Gi"
         assert FineTuneJob.model_validate(named).spec.storage == job(storage=storage).spec.storage
+
+
+def test_the_spec_file_carries_the_uid_and_the_gitops_source_and_no_other_metadata() -> None:
+    doc = copy.deepcopy(DOC)
+    doc["metadata"]["annotations"] = {
+        ANNOTATION_SOURCE_COMMIT: "0123456789abcdef0123456789abcdef01234567",
+        ANNOTATION_SOURCE_REPO: "https://github.com/acme/ml-gitops",
+        "kubectl.kubernetes.io/last-applied-configuration": '{"spec": {}}',
+        "team.example.com/owner": "nlp",
+    }
+    doc["metadata"]["generation"] = 3
+    mounted = yaml.safe_load(
+        by_kind(render(FineTuneJob.model_validate(doc)))["ConfigMap"]["data"]["job.yaml"]
+    )
+    assert mounted["metadata"] == {
+        "name": "demo",
+        "namespace": "team-a",
+        "uid": "u-1",
+        "annotations": {
+            ANNOTATION_SOURCE_COMMIT: "0123456789abcdef0123456789abcdef01234567",
+            ANNOTATION_SOURCE_REPO: "https://github.com/acme/ml-gitops",
+        },
+    }
+    # The trainer reads it back as it was (kubetune.trainer.lineage.run_info takes them from there).
+    back = FineTuneJob.model_validate(mounted)
+    assert back.metadata.uid == "u-1" and back.metadata.annotations == mounted["metadata"]["annotations"]
+    # Neither is part of the run's identity: a new commit with the same spec is the same run.
+    assert spec_hash(back) == spec_hash(job())
 
 
 def test_pod_metadata_is_added_but_never_overrides_ours() -> None:

@@ -349,7 +349,9 @@ def test_tiny_local_job_card_and_no_token_anywhere(
     assert [p.name for p in root.iterdir()] == ["runs"] and out.name.startswith("tiny-local-")
     assert metrics["steps"] == 40 and metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["run"] == out.name
-    assert metrics["data"] == {
+    data = dict(metrics["data"])
+    [source] = data.pop("sources")
+    assert data == {
         "rows_read": 228,
         "empty_dropped": 3,
         "duplicates_dropped": 5,
@@ -357,6 +359,13 @@ def test_tiny_local_job_card_and_no_token_anywhere(
         "train_rows": 198,
         "validation_rows": 22,
     }
+    assert (source["name"], source["format"], source["train_on"], source["kept"], source["train_rows"]) == (
+        "data.jsonl",
+        "alpaca",
+        "completion",
+        220,
+        198,
+    )
     for name in (
         "README.md",
         "metrics.json",
@@ -398,8 +407,8 @@ def test_tiny_local_job_card_and_no_token_anywhere(
     assert "What is the capital of France?" in card
     # Lineage: the exact bytes trained on.
     digest = hashlib.sha256((ROOT / "jobs/tiny/data.jsonl").read_bytes()).hexdigest()
-    assert metrics["lineage"]["dataset_files_sha256"] == {"tiny/data.jsonl": digest}
-    assert f"`tiny/data.jsonl` (sha256 `{digest[:16]}" in card
+    assert metrics["lineage"]["datasets"] == [{"files": {"tiny/data.jsonl": digest}}]
+    assert f"(sha256 `{digest}`)" in card
 
     token = FAKE_TOKEN.encode()
     leaked = [str(p) for p in root.rglob("*") if p.is_file() and token in p.read_bytes()]

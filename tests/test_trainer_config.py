@@ -381,3 +381,64 @@ def test_bad_spec_exits_2(tmp_path: Path) -> None:
         env=_env(),
     )
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA options and NEFTune
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lora", "tied", "extra"),
+    [
+        ({}, False, {}),
+        ({"useDora": True}, False, {"use_dora": True}),
+        ({"rsLora": True}, False, {"use_rslora": True}),
+        (
+            {"modulesToSave": ["embed_tokens", "lm_head"]},
+            False,
+            {"modules_to_save": ["embed_tokens", "lm_head"]},
+        ),
+        # A tied model trains one copy for the embeddings and the head (peft's ensure_weight_tying).
+        (
+            {"modulesToSave": ["lm_head"]},
+            True,
+            {"modules_to_save": ["lm_head"], "ensure_weight_tying": True},
+        ),
+        ({"modulesToSave": ["norm"]}, True, {"modules_to_save": ["norm"]}),  # not the tied pair
+        (
+            {"useDora": True, "rsLora": True, "modulesToSave": ["model.embed_tokens"]},
+            True,
+            {
+                "use_dora": True,
+                "use_rslora": True,
+                "modules_to_save": ["model.embed_tokens"],
+                "ensure_weight_tying": True,
+            },
+        ),
+    ],
+)
+def test_lora_options(lora: dict[str, Any], tied: bool, extra: dict[str, Any]) -> None:
+    spec = make_spec(method={"lora": lora})
+    kw = cfg.lora_config_kwargs(spec, "llama", tied_embeddings=tied)
+    assert kw is not None
+    base = {k: kw.pop(k) for k in ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "task_type")}
+    assert base["r"] == 64 and base["target_modules"] == cfg.LLAMA_TARGETS
+    assert kw == extra
+
+
+def test_lora_options_build_peft_configs() -> None:
+    peft = pytest.importorskip("peft")
+    spec = make_spec(method={"lora": {"useDora": True, "rsLora": True, "modulesToSave": ["lm_head"]}})
+    lora = peft.LoraConfig(**cfg.lora_config_kwargs(spec, "llama", tied_embeddings=True))  # type: ignore[arg-type]
+    assert lora.use_dora and lora.use_rslora and lora.ensure_weight_tying
+    assert lora.modules_to_save == ["lm_head"]
+
+
+def test_neftune_noise_alpha() -> None:
+    off = cfg.sft_config_kwargs(make_spec(), "o", has_eval=False, hw=CPU)
+    assert "neftune_noise_alpha" not in off
+    on = cfg.sft_config_kwargs(make_spec(training={"neftuneNoiseAlpha": 5}), "o", has_eval=False, hw=CPU)
+    assert on["neftune_noise_alpha"] == 5.0 and isinstance(on["neftune_noise_alpha"], float)
+    trl = pytest.importorskip("trl")
+    assert trl.SFTConfig(**{**on, "output_dir": "/tmp/o"}).neftune_noise_alpha == 5.0

@@ -1,21 +1,16 @@
-"""Pushing to the Hub, tested against a LOCAL STAND-IN for the Hugging Face Hub.
+"""Pushing to the Hub, tested against a LOCAL STAND-IN for the Hugging Face Hub (tests/hubstandin.py).
 
-``StandInHub`` is not the Hub: it is a small HTTP server on 127.0.0.1 that implements just the calls a
-kubetune push makes (create repo, create branch, preupload, commit with inline base64 files), so the real
-``huggingface_hub`` client can talk to it through ``HF_ENDPOINT``. Nothing leaves the machine (the real Hub
-cannot be reached from the test machines, and must not be). Like a careless server or proxy, its error
-bodies repeat the request's Authorization header, and the bare token in it.
+``StandInHub`` is not the Hub: it is a small HTTP server on 127.0.0.1 that implements just the calls kubetune
+makes, so the real ``huggingface_hub`` client can talk to it through ``HF_ENDPOINT``. Nothing leaves the
+machine (the real Hub cannot be reached from the test machines, and must not be). Like a careless server or
+proxy, its error bodies repeat the request's Authorization header, and the bare token in it.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -28,114 +23,11 @@ pytest.importorskip("trl")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import tiny  # noqa: E402
+from hubstandin import FAKE_TOKEN, StandInHub  # noqa: E402
 from kubetune.trainer import run  # noqa: E402
 from kubetune.trainer.errors import SecretMissing, TrainerError  # noqa: E402
 
-FAKE_TOKEN = "hf_" + "FakeHubToken0123456789abcdef"
-
-
-class StandInHub:
-    """A local stand-in for the Hub API (see the module docstring). Records what it is asked."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict[str, Any]] = {}
-        self.branches: list[tuple[str, str]] = []
-        self.commits: list[dict[str, Any]] = []
-        self.auth_headers: list[str | None] = []
-        self.unknown: list[str] = []
-        self.validated: list[Any] = []
-        self.fail_next: list[int] = []  # HTTP statuses to answer the next commits with
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _echo(self) -> str:
-                """The request's credentials, repeated as an error body must never be trusted not to."""
-                auth = str(self.headers.get("Authorization"))
-                return f"Authorization: {auth}; the token {auth.split()[-1]} has no write access"
-
-            def do_POST(self) -> None:
-                hub.auth_headers.append(self.headers.get("Authorization"))
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
-                if parts == ["api", "repos", "create"]:
-                    req = json.loads(body)
-                    repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
-                    # Older clients send "private", newer ones "visibility".
-                    private = req["private"] if "private" in req else req.get("visibility") == "private"
-                    hub.repos[repo] = {"private": private}
-                    return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo, "id": repo})
-                if parts == ["api", "validate-yaml"]:
-                    # The client checks README.md's metadata before a commit: the front matter must parse.
-                    content = json.loads(body)["content"]
-                    try:
-                        front = (
-                            yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else {}
-                        )
-                    except yaml.YAMLError as exc:
-                        return self._reply(400, {"error": f"invalid YAML metadata: {exc}"})
-                    hub.validated.append(front)
-                    return self._reply(200, {"errors": [], "warnings": []})
-                if len(parts) >= 5 and parts[:2] == ["api", "models"]:
-                    repo, action, rest = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
-                    if action == "branch":
-                        hub.branches.append((repo, rest))
-                        return self._reply(200, {})
-                    if action == "preupload":
-                        files = json.loads(body)["files"]
-                        modes = [
-                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
-                        ]
-                        return self._reply(200, {"files": modes})
-                    if action == "commit" and hub.fail_next:
-                        status = hub.fail_next.pop(0)
-                        return self._reply(status, {"error": f"stand-in failure {status}: {self._echo()}"})
-                    if action == "commit":
-                        received: dict[str, bytes] = {}
-                        header: dict[str, Any] = {}
-                        for line in body.splitlines():
-                            item = json.loads(line)
-                            if item["key"] == "header":
-                                header = item["value"]
-                            elif item["key"] == "file":
-                                received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-                        hub.commits.append(
-                            {"repo": repo, "revision": rest, "header": header, "files": received}
-                        )
-                        oid = f"{len(hub.commits):040x}"
-                        return self._reply(
-                            200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid}
-                        )
-                hub.unknown.append(f"POST {self.path}")
-                return self._reply(
-                    404, {"error": f"the stand-in Hub does not implement POST {self.path} ({self._echo()})"}
-                )
-
-            def do_GET(self) -> None:
-                hub.unknown.append(f"GET {self.path}")
-                self._reply(404, {"error": f"the stand-in Hub does not implement GET {self.path}"})
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StandInHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+__all__ = ["FAKE_TOKEN", "StandInHub"]  # where the stand-in lived before tests/hubstandin.py
 
 
 def test_push_to_a_local_stand_in_for_the_hub(
@@ -209,9 +101,11 @@ def test_push_to_a_local_stand_in_for_the_hub(
         "merged/model.safetensors",
         "merged/config.json",
         "merged/tokenizer.json",
+        "merged/README.md",
     ]
     assert [name for name in expected if name not in files] == []
     assert not any(name.startswith(("checkpoints/", "progress")) for name in files)
+    assert "training_args.bin" not in files
     assert files["README.md"] == (out / "README.md").read_bytes()
     assert files["adapter_model.safetensors"] == (out / "adapter/adapter_model.safetensors").read_bytes()
     assert FAKE_TOKEN.encode() not in b"".join(files.values())
@@ -326,3 +220,104 @@ def test_a_hub_that_echoes_the_token_leaks_it_nowhere(
         leaks = [where for where, text in seen.items() if token in text or token.split("-")[-1] in text]
         assert leaks == [], f"{token} in {leaks}"
     assert hub.commits == []
+
+
+def test_a_hub_model_is_trained_at_its_resolved_commit_and_pushed_with_its_lineage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.id through the LOCAL STAND-IN Hub, which SERVES the tiny model: the trainer resolves
+    model.revision ("main") to its commit before loading, loads tokenizer, model and the merge at that
+    commit, and pushes adapter, merged model, both cards and the loss curve, no pickle among them. The card
+    carries base_model, the licence from the base's card data, the commit and the curve; the final
+    progress line gives the operator's status both the commit and the push's commit URL."""
+    from huggingface_hub import ModelCard
+
+    from kubetune.trainer import hub as hub_mod
+    from kubetune_operator.status import progress_fields
+
+    base = tiny.save_tiny_model(tmp_path / "base", "llama")
+    job = tiny.write_job(
+        tmp_path / "job",
+        base,
+        training={"maxSteps": 4, "saveSteps": 4, "loggingSteps": 1},
+        output={
+            "path": "out",
+            "merged": True,
+            "hub": {"repoId": "me/tiny-out", "token": {"secretKeyRef": {"name": "hf-token"}}},
+        },
+    )
+    doc = yaml.safe_load(job.read_text())
+    doc["spec"]["model"] = {"id": "org/tiny-base"}  # revision: main
+    job.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tiny.run_folder(job)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.delenv("KUBETUNE_RUN", raising=False)
+    with StandInHub() as hub:
+        commit = hub.serve_model("org/tiny-base", base, card_data={"license": "apache-2.0"})
+        hub.point(monkeypatch, tmp_path / "hub-cache")
+        metrics = run(job)
+
+    assert hub.unknown == []
+    # Resolved by branch first, before any file was asked for; then every file of the base was loaded at
+    # that commit. (peft, saving the adapter, looks at config.json on the default branch to tell whether
+    # the vocabulary was resized: the only file request that names no commit. transformers asks for the
+    # repo's info, on the default branch, for its tags.)
+    assert hub.reads[0] == "info org/tiny-base@main"
+    assert set(hub.infos) == {("org/tiny-base", "main")}
+    assert {rev for _, _, rev, name in hub.downloads if name != "config.json"} == {commit}
+    assert {rev for method, _, rev, _ in hub.downloads if method == "GET"} == {commit}
+    fetched = {name for method, _, _, name in hub.downloads if method == "GET"}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= fetched
+    assert hub.auth_headers and all(a == f"Bearer {FAKE_TOKEN}" for a in hub.auth_headers)
+
+    assert metrics["lineage"]["base_model"]["commit"] == commit
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["revision"] == commit
+    digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    assert metrics["lineage"]["base_model"]["files_sha256"] == {"model.safetensors": digest}
+    assert len(hub.commits) == 1
+    files = hub.commits[0]["files"]
+    expected = [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "loss.png",
+        "metrics.json",
+        "samples.json",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+        "merged/README.md",
+        "merged/loss.png",
+    ]
+    assert [name for name in expected if name not in files] == []
+    # No pickle went up: none by name, none by content (a pickle's PROTO opcode, torch.save's zip).
+    assert [n for n in files if n.endswith(hub_mod.PICKLE_SUFFIXES)] == []
+    assert [n for n, data in files.items() if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"] == []
+    assert FAKE_TOKEN.encode() not in b"".join(files.values())
+
+    assert (
+        files["loss.png"].startswith(b"\x89PNG\r\n\x1a\n") and files["loss.png"] == files["merged/loss.png"]
+    )
+    assert files["README.md"] == (out / "README.md").read_bytes()
+    for name in ("README.md", "merged/README.md"):
+        text = files[name].decode()
+        card = ModelCard(text)
+        assert card.data.base_model == "org/tiny-base", name
+        assert card.data.license == "apache-2.0", name
+        assert commit in text and digest[:16] in text and "(loss.png)" in text, name
+    assert hub.validated and hub.validated[-1]["license"] == "apache-2.0"
+
+    url = metrics["hub_commit_url"]
+    assert url.startswith(f"{hub.url}/me/tiny-out/commit/")
+    progress = json.loads((out / "progress.json").read_text())
+    assert (progress["state"], progress["base_model_commit"], progress["hub_commit_url"]) == (
+        "Succeeded",
+        commit,
+        url,
+    )
+    # What the operator makes of the line the trainer leaves as its termination message.
+    status = progress_fields(termination.read_text())
+    assert (status["phase"], status["baseModelCommit"], status["hubCommitUrl"]) == ("Succeeded", commit, url)

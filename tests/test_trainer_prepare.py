@@ -131,7 +131,10 @@ def test_tokenization_equals_trl(
     formatted = data_mod.prepare(spec, tmp_path, tok).train
     expected = trl_columns(formatted, tok, max_len, tmp_path)
     assert len(expected["input_ids"]) >= len(rows) - 1
-    ours, dropped = data_mod.tokenize(formatted, fmt, tok, max_len)
+    # TRL's defaults: the loss on every token of a conversation (test_trainer_chat.py compares
+    # trainOn assistant with TRL's assistant_only_loss).
+    train_on = "all" if fmt == "chat" else None
+    ours, dropped = data_mod.tokenize(formatted, fmt, tok, max_len, train_on=train_on)
     assert ours["input_ids"] == expected["input_ids"]
     assert ours["labels"] == expected["labels"]
     assert dropped == len(formatted) - len(expected["input_ids"])

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from enum import IntEnum
 from typing import Any, Literal, TypedDict
+from urllib.parse import urlsplit
 
 # --------------------------------------------------------------------------------------------------
 # Labels and annotations
@@ -180,6 +182,10 @@ class ProgressReport(TypedDict, total=False):
     updated_at: str | None  # RFC 3339, UTC
     message: str | None  # on failure
     run: str | None
+    # Lineage, once known: the Hub commit model.revision resolved to (every update from then on carries
+    # it), and the URL of the commit the push made (on the final update).
+    base_model_commit: str | None
+    hub_commit_url: str | None
 
 
 # A log line that starts with this, followed by the report as JSON on the same line.
@@ -226,4 +232,34 @@ def _clean(data: dict[str, Any]) -> ProgressReport:
         v = data.get(key)
         if isinstance(v, str):
             out[key] = v[:1000]
+    commit = data.get("base_model_commit")
+    if isinstance(commit, str) and _COMMIT_RE.fullmatch(commit):
+        out["base_model_commit"] = commit
+    url = data.get("hub_commit_url")
+    if isinstance(url, str) and _plain_url(url):
+        out["hub_commit_url"] = url
     return out  # type: ignore[return-value]
+
+
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+URL_MAX = 500
+
+
+def _plain_url(url: str) -> bool:
+    """An http(s) URL of at most URL_MAX printable ASCII characters, with a host and without credentials
+    (user:password@), a query or a fragment: what a Hub commit URL looks like, and nothing that could
+    carry a secret into the status."""
+    if len(url) > URL_MAX or not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("https", "http")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not parts.query
+        and not parts.fragment
+    )

@@ -28,6 +28,7 @@ forward; plus the attention term) against the GPU's dense bf16 peak at an assume
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -86,6 +87,11 @@ class ModelShape:
     bias_params: int = 0  # biases of the quantized linear layers (never quantized)
     gated_mlp: bool = True
     layer_linears: tuple[tuple[str, int, int], ...] = ()
+    # Every module holding parameters of its own, as (name, parameters), the decoder layers' once with
+    # "{i}" for the layer index, e.g. ("model.layers.{i}.input_layernorm", 4096): what
+    # `method.lora.modulesToSave` names are matched against (see modules_to_save_params).
+    modules: tuple[tuple[str, int], ...] = ()
+    embedding_module: str = ""  # the input embeddings' name, e.g. "model.embed_tokens"
 
     @property
     def unquantized_params(self) -> int:
@@ -119,6 +125,12 @@ def _require(config: Mapping[str, Any], *names: str) -> int:
 
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_GROUPS = {n: "self_attn" for n in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+    n: "mlp" for n in ("gate_proj", "up_proj", "down_proj")
+}
+FUSED_GROUPS = {"query_key_value": "self_attention", "dense": "self_attention"} | {
+    n: "mlp" for n in ("dense_h_to_4h", "dense_4h_to_h")
+}
 ANALYTIC_TYPES = (*LLAMA_LIKE, "falcon", "bloom")
 
 
@@ -155,6 +167,8 @@ def _assemble(
     extra_norm_params: int,
     embedding_params: int,
     gated: bool,
+    modules: list[tuple[str, int]],
+    embedding_module: str,
 ) -> ModelShape:
     linear_weights = sum(i * o for _, i, o, _ in linears)
     linear_biases = sum(o for _, _, o, has_bias in linears if has_bias)
@@ -182,7 +196,16 @@ def _assemble(
         bias_params=biases,
         gated_mlp=gated,
         layer_linears=tuple((n, i, o) for n, i, o, _ in linears),
+        modules=tuple(modules),
+        embedding_module=embedding_module,
     )
+
+
+def _linear_modules(
+    prefix: str, linears: list[tuple[str, int, int, bool]], groups: Mapping[str, str]
+) -> list[tuple[str, int]]:
+    """The decoder layer's linear modules by name (``groups``: each one's parent, e.g. "self_attn")."""
+    return [(f"{prefix}{groups[n]}.{n}", i * o + (o if bias else 0)) for n, i, o, bias in linears]
 
 
 def _llama_like(config: Mapping[str, Any], model_type: str) -> ModelShape:
@@ -223,6 +246,15 @@ def _llama_like(config: Mapping[str, Any], model_type: str) -> ModelShape:
         extra_norm_params=hidden,  # the final norm
         embedding_params=vocab * hidden,
         gated=True,
+        modules=[
+            ("model.embed_tokens", vocab * hidden),
+            *_linear_modules("model.layers.{i}.", linears, LLAMA_GROUPS),
+            ("model.layers.{i}.input_layernorm", hidden),
+            ("model.layers.{i}.post_attention_layernorm", hidden),
+            ("model.norm", hidden),
+            ("lm_head", vocab * hidden),
+        ],
+        embedding_module="model.embed_tokens",
     )
 
 
@@ -251,6 +283,10 @@ def _falcon(config: Mapping[str, Any]) -> ModelShape:
         ln_parallel = 2
     # LayerNorms (weight and bias): two per layer unless one is shared by parallel attention and MLP.
     norms_per_layer = 1 if parallel and ln_parallel != 2 else 2
+    if norms_per_layer == 1:
+        layer_norms = ["input_layernorm"]
+    else:
+        layer_norms = ["ln_attn", "ln_mlp"] if parallel else ["input_layernorm", "post_attention_layernorm"]
     linears = [
         ("query_key_value", hidden, qkv_out, bias),
         ("dense", hidden, hidden, bias),
@@ -273,6 +309,14 @@ def _falcon(config: Mapping[str, Any]) -> ModelShape:
         extra_norm_params=2 * hidden,  # ln_f
         embedding_params=vocab * hidden,
         gated=False,
+        modules=[
+            ("transformer.word_embeddings", vocab * hidden),
+            *_linear_modules("transformer.h.{i}.", linears, FUSED_GROUPS),
+            *[(f"transformer.h.{{i}}.{n}", 2 * hidden) for n in layer_norms],
+            ("transformer.ln_f", 2 * hidden),
+            ("lm_head", vocab * hidden),
+        ],
+        embedding_module="transformer.word_embeddings",
     )
 
 
@@ -303,6 +347,16 @@ def _bloom(config: Mapping[str, Any]) -> ModelShape:
         extra_norm_params=2 * 2 * hidden,  # word_embeddings_layernorm and ln_f
         embedding_params=vocab * hidden,
         gated=False,
+        modules=[
+            ("transformer.word_embeddings", vocab * hidden),
+            ("transformer.word_embeddings_layernorm", 2 * hidden),
+            *_linear_modules("transformer.h.{i}.", linears, FUSED_GROUPS),
+            ("transformer.h.{i}.input_layernorm", 2 * hidden),
+            ("transformer.h.{i}.post_attention_layernorm", 2 * hidden),
+            ("transformer.ln_f", 2 * hidden),
+            ("lm_head", vocab * hidden),
+        ],
+        embedding_module="transformer.word_embeddings",
     )
 
 
@@ -360,6 +414,21 @@ def exact_shape(config: Mapping[str, Any]) -> ModelShape:
             for name, m in layers[0].named_modules()
             if isinstance(m, nn.Linear)
         )
+    names = {id(m): n for n, m in model.named_modules()}
+    layers_name = names.get(id(layers), "") if layers is not None else ""
+    layer_prefix = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.") if layers_name else None
+    modules: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not own:
+            continue
+        if layer_prefix is not None:
+            found = layer_prefix.match(name)
+            if found:
+                if found.group(1) != "0":
+                    continue  # the layers are alike: the first one stands for all
+                name = f"{layers_name}.{{i}}.{name[found.end() :]}"
+        modules[name] = own
     analytic: ModelShape | None
     try:
         analytic = shape_from_config(config)
@@ -391,6 +460,8 @@ def exact_shape(config: Mapping[str, Any]) -> ModelShape:
         bias_params=bias,
         gated_mlp=analytic.gated_mlp if analytic else any(n.startswith("gate") for n, _, _ in linears),
         layer_linears=linears,
+        modules=tuple(modules.items()),
+        embedding_module=names.get(id(embed), "") if embed is not None else "",
     )
 
 
@@ -613,6 +684,10 @@ class Settings:
     lora_targets: tuple[str, ...] | Literal["all-linear"] = "all-linear"
     lora_dtype: str = "bfloat16"
     lora_dropout: bool = True
+    lora_dora: bool = False  # DoRA: a magnitude per output feature, and its forward's extra tensors
+    modules_to_save: tuple[str, ...] = ()  # method.lora.modulesToSave: trained in full, as copies
+    modules_to_save_dtype: str = "bfloat16"  # TRL casts them to bf16 on a quantized base
+    attn_implementation: str = "sdpa"  # eager keeps the seq x seq attention probabilities
     optimizer: str = "paged_adamw_32bit"
     batch_size: int = 4
     seq_length: int = 512  # tokens per sequence the GPU sees (the block when packing)
@@ -652,6 +727,11 @@ def settings(spec: FineTuneJobSpec, model_type: str | None = None, gpu: GpuInfo 
         targets = "all-linear" if resolved == ALL_LINEAR else tuple(resolved)
     packing = _packing_mode(t)
     gpus = max(1, spec.resources.gpus_per_node) * spec.resources.nodes
+    # modulesToSave copies: TRL casts those of a quantized base to bf16; with nothing autocasting
+    # (mixedPrecision no) the trainer gives them back the dtype of what they copy, float32
+    # (kubetune.trainer.modeling.restore_copy_dtypes). On an unquantized base: the base's dtype.
+    quantized_copies = "bfloat16" if precision != "no" else "float32"
+    copies_dtype = quantized_copies if quant is not None else weight_dtype
     return Settings(
         method=m.type,
         bits=quant.bits if quant is not None else None,
@@ -666,6 +746,10 @@ def settings(spec: FineTuneJobSpec, model_type: str | None = None, gpu: GpuInfo 
         lora_targets=targets,
         lora_dtype="bfloat16" if quant is not None else "float32",
         lora_dropout=bool(lora is not None and lora.dropout > 0),
+        lora_dora=bool(lora is not None and lora.use_dora),
+        modules_to_save=tuple(lora.modules_to_save or ()) if lora is not None else (),
+        modules_to_save_dtype=copies_dtype,
+        attn_implementation=getattr(spec.model, "attn_implementation", None) or "sdpa",
         optimizer=t.optimizer,
         batch_size=t.per_device_batch_size,
         seq_length=t.effective_block_size() if packing != "none" else t.max_seq_length,
@@ -748,14 +832,49 @@ def estimate(
     )
 
 
-def _lora_params(s: Settings, shape: ModelShape) -> int:
+def _adapted(s: Settings, shape: ModelShape) -> tuple[tuple[str, int, int], ...]:
+    """The decoder layer's linears LoRA adapts."""
     if s.method == "full" or s.lora_r <= 0:
+        return ()
+    if s.lora_targets == "all-linear":
+        return shape.layer_linears
+    targets = set(s.lora_targets)
+    return tuple(lin for lin in shape.layer_linears if lin[0] in targets)
+
+
+def _lora_params(s: Settings, shape: ModelShape) -> int:
+    return shape.num_layers * sum(s.lora_r * (i + o) for _, i, o in _adapted(s, shape))
+
+
+def _dora_params(s: Settings, shape: ModelShape) -> int:
+    """DoRA's magnitude vectors: one entry per output feature of every adapted linear."""
+    return shape.num_layers * sum(o for _, _, o in _adapted(s, shape)) if s.lora_dora else 0
+
+
+def modules_to_save_params(shape: ModelShape, names: Sequence[str]) -> int:
+    """Parameters of the full copies ``method.lora.modulesToSave`` trains, matched as peft matches them: a
+    module is copied when its name, or one of its parents', ends with an entry (the outermost match holds
+    the copy). On a model whose input embeddings and output head are one weight, naming either under
+    peft's names trains one copy for both (peft's ``ensure_weight_tying``, which the trainer sets)."""
+    if not names:
         return 0
-    linears = shape.layer_linears
-    if s.lora_targets != "all-linear":
-        targets = set(s.lora_targets)
-        linears = tuple(lin for lin in linears if lin[0] in targets)
-    return shape.num_layers * sum(s.lora_r * (i + o) for _, i, o in linears)
+    from kubetune.trainer.config import TIED_EMBEDDING_NAMES
+
+    tied_copy = shape.tie_word_embeddings and any(n.rsplit(".", 1)[-1] in TIED_EMBEDDING_NAMES for n in names)
+    total = 0
+    for template, params in shape.modules:
+        layers = range(shape.num_layers) if "{i}" in template else (None,)
+        for i in layers:
+            path = template.replace("{i}", str(i)) if i is not None else template
+            parts = path.split(".")
+            matched = any(".".join(parts[:k]).endswith(n) for n in names for k in range(1, len(parts) + 1))
+            if tied_copy and path == shape.embedding_module:
+                matched = True  # peft adds the embeddings, and ties the head to their copy
+            elif tied_copy and path == "lm_head":
+                matched = False
+            if matched:
+                total += params
+    return total
 
 
 def _optimizer_bytes(
@@ -822,16 +941,25 @@ def estimate_settings(
     else:
         trainable = _lora_params(s, shape)
         tbytes = DTYPE_BYTES[s.lora_dtype]
-        linears = shape.layer_linears
-        if s.lora_targets != "all-linear":
-            linears = tuple(lin for lin in linears if lin[0] in set(s.lora_targets))
+        linears = _adapted(s, shape)
         matrices = [m for _, i, o in linears for m in ((s.lora_r, i), (o, s.lora_r))] * layers
         lora = trainable * tbytes
     gradients = trainable * tbytes
+    optimizer = _optimizer_bytes(s.optimizer, trainable, matrices, tbytes)
+    # DoRA's magnitudes stay float32 (TRL leaves them out of its bf16 cast: bf16 would freeze them).
+    dora = _dora_params(s, shape) if s.method != "full" else 0
+    copies = modules_to_save_params(shape, s.modules_to_save) if s.method != "full" else 0
+    cbytes = DTYPE_BYTES[s.modules_to_save_dtype]
+    lora += dora * 4
+    gradients += dora * 4 + copies * cbytes
+    optimizer += _optimizer_bytes(s.optimizer, dora, [], 4) + _optimizer_bytes(
+        s.optimizer, copies, [], cbytes
+    )
+    trainable += dora + copies
     if s.distributed == "ddp" and s.gpus > 1:
         gradients *= 2  # DDP all-reduces through bucket buffers of its own, as large as the gradients
-    optimizer = _optimizer_bytes(s.optimizer, trainable, matrices, tbytes)
     gradients, optimizer, lora = gradients // shard, optimizer // shard, lora // shard
+    modules_to_save = copies * cbytes // shard
 
     # Activations saved for the backward pass (SDPA/flash attention: no seq² scores).
     per_layer = _layer_activation_bytes(s, shape, act_bytes)
@@ -847,6 +975,20 @@ def estimate_settings(
     # bitsandbytes dequantizes one weight at a time into a compute-dtype scratch (forward and backward).
     largest = max((i * o for _, i, o in shape.layer_linears), default=0)
     dequant = 2 * largest * act_bytes if s.bits is not None else 0
+    dora_scratch = 0
+    if s.lora_dora and s.method != "full":
+        # peft's DoRA forward builds, per adapted linear, the update as a dense matrix (from an in x in
+        # identity), the base weight (dequantized) and their sum for its row norms: transient, one linear
+        # at a time. With dropout it also runs the base linear again on the dequantized weight, which
+        # autograd keeps for the backward pass: a dense copy of every adapted weight of a layer.
+        adapted = _adapted(s, shape)
+        dora_scratch = max(((i * i + 3 * i * o) * act_bytes for _, i, o in adapted), default=0)
+        if s.lora_dropout and s.bits is not None:
+            kept = sum(i * o for _, i, o in adapted) * act_bytes
+            if s.gradient_checkpointing:
+                recompute += kept
+            else:
+                activations += layers * kept
     if shard > 1:
         # FSDP gathers one layer's full weights at a time (forward, and again in backward).
         dequant += int(2 * (weights * shard) / max(layers, 1))
@@ -855,17 +997,20 @@ def estimate_settings(
     components = {
         "weights": weights,
         "lora": lora,
+        "modules_to_save": modules_to_save,
         "gradients": gradients,
         "optimizer": optimizer,
         "activations": int(activations),
         "recompute": int(recompute),
         "dequant_scratch": int(dequant),
+        "dora_scratch": int(dora_scratch),
         "logits": logits,
     }
     # The loss's buffers live at the end of the forward pass; the recomputed layer and the dequantization
     # scratch during the backward pass, after the loss's are freed: the peak holds the larger of the two.
-    steady = weights + lora + gradients + optimizer + int(activations)
-    backward = int(recompute) + int(dequant)
+    steady = weights + lora + modules_to_save + gradients + optimizer + int(activations)
+    # bitsandbytes' dequantization and DoRA's dense matrices are each one linear's at a time.
+    backward = int(recompute) + max(int(dequant), int(dora_scratch))
     peak_phase = "loss" if logits >= backward else "backward"
     allocated = steady + max(logits, backward)
     components["cuda_context"] = s.cuda_context_bytes
@@ -933,14 +1078,19 @@ def _layer_activation_bytes(s: Settings, shape: ModelShape, b: int) -> float:
     attention = b * (q + 2 * kv) + b * q + 4 * shape.num_heads  # q, k, v, output; fp32 log-sum-exp
     mlp = 4 * b * i if shape.gated_mlp else 2 * b * i  # gate, act(gate), up, product / fc1, act
     total = 2 * norm + attention + mlp
-    if s.method != "full" and s.lora_r > 0:
-        linears = shape.layer_linears
-        if s.lora_targets != "all-linear":
-            linears = tuple(lin for lin in linears if lin[0] in set(s.lora_targets))
-        for _, fan_in, _ in linears:
-            # Each adapter keeps its dropped-out input (cast to the compute dtype by autocast), the dropout
-            # mask (1 byte) and its r-wide middle. Frozen linears keep no input: they need no weight gradient.
-            total += ((b + 1) * fan_in if s.lora_dropout else 0) + b * s.lora_r
+    if s.attn_implementation == "eager":
+        # Eager attention keeps seq x seq probabilities per head: its softmax's fp32 output, and under
+        # autocast their cast to the compute dtype for the product with the values (measured: fp32 keeps
+        # one, tests/test_plan.py), plus a repeated key/value head set.
+        cast = b if b < 4 else 0
+        total += shape.num_heads * s.seq_length * (4 + cast) + q * b
+    for _, fan_in, fan_out in _adapted(s, shape):
+        # Each adapter keeps its dropped-out input (cast to the compute dtype by autocast), the dropout
+        # mask (1 byte) and its r-wide middle. Frozen linears keep no input: they need no weight gradient.
+        total += ((b + 1) * fan_in if s.lora_dropout else 0) + b * s.lora_r
+        if s.lora_dora:
+            # DoRA scales the base output and the update by the magnitude: both kept for its gradient.
+            total += 2 * b * fan_out
     return total
 
 
@@ -1055,7 +1205,7 @@ class Report:
             "job": self.job,
             "model": self.model,
             "counts": self.shape.source,
-            "shape": {k: v for k, v in asdict(self.shape).items() if k != "layer_linears"},
+            "shape": {k: v for k, v in asdict(self.shape).items() if k not in ("layer_linears", "modules")},
             "gpus": [
                 {
                     **e.as_dict(),
@@ -1132,11 +1282,13 @@ def plan_job(
 LABELS = {
     "weights": "base weights",
     "lora": "LoRA parameters",
+    "modules_to_save": "modulesToSave copies",
     "gradients": "gradients",
     "optimizer": "optimizer state",
     "activations": "activations (kept)",
     "recompute": "backward: recomputed layer",
     "dequant_scratch": "backward: dequant/gather scratch",
+    "dora_scratch": "DoRA: dense update and weight norms",
     "logits": "logits and loss",
     "cuda_context": "CUDA context",
     "allocator_slack": "allocator slack",

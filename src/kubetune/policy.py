@@ -259,18 +259,34 @@ class Reference:
 
 
 ACCESS_FIELDS = {"user": "request.userInfo.username", "namespace": "request.namespace"}
-REFERENCES = (
-    Reference(
-        "spec.output.hub.token.secretKeyRef.name",
-        "object.spec.?output.?hub.?token.?secretKeyRef.?name.orValue('')",
+
+
+def _secret(field: str, variable: str) -> Reference:
+    """The Secret of a `secretKeyRef` at `field` (`spec.a.b.secretKeyRef.name`), held in `variable`."""
+    path = ".?".join(field.split(".")[1:])  # CEL's optional chain: '' when any part is unset
+    return Reference(
+        field,
+        f"object.spec.?{path}.orValue('')",
         "secrets",
         Message(
-            'spec.output.hub.token.secretKeyRef.name: you ({user}) may not get Secret "{name}" in namespace '
-            "{namespace}, so your FineTuneJob may not use it either: its trainer would read it. Ask your "
-            "namespace admin for get on Secret {name}, or use a Secret you can read",
-            {**ACCESS_FIELDS, "name": "variables.hubTokenSecret"},
+            field + ': you ({user}) may not get Secret "{name}" in namespace {namespace}, so your '
+            "FineTuneJob may not use it either: its trainer would read it. Ask your namespace admin for get "
+            "on Secret {name}, or use a Secret you can read",
+            {**ACCESS_FIELDS, "name": f"variables.{variable}"},
         ),
-    ),
+    )
+
+
+# Every Secret a spec can name, whether or not its run reads it (a tracker's Secret while the tracker is
+# not in training.reportTo): naming a Secret is what the author must be allowed to do.
+_SECRETS = (
+    ("spec.output.hub.token.secretKeyRef.name", "hubTokenSecret"),
+    ("spec.training.trackers.mlflow.password.secretKeyRef.name", "mlflowPasswordSecret"),
+    ("spec.training.trackers.mlflow.token.secretKeyRef.name", "mlflowTokenSecret"),
+    ("spec.training.trackers.wandb.apiKey.secretKeyRef.name", "wandbApiKeySecret"),
+)
+REFERENCES = (
+    *(_secret(field, variable) for field, variable in _SECRETS),
     Reference(
         "spec.storage.claimName",
         "object.spec.?storage.?claimName.orValue('')",
@@ -283,7 +299,7 @@ REFERENCES = (
         ),
     ),
 )
-_REFERENCE_VARIABLES = ("hubTokenSecret", "claimName")
+_REFERENCE_VARIABLES = (*(variable for _, variable in _SECRETS), "claimName")
 
 MATCH_CONSTRAINTS = {
     "resourceRules": [

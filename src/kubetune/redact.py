@@ -9,7 +9,9 @@ that decodes (through up to two layers, standard or URL-safe alphabet) to a toke
 What counts as a secret:
 - a Hugging Face token (``hf_…``, ``api_org_…``), whatever surrounds it;
 - a value this process knows to be secret, of any shape: ``$HF_TOKEN`` / ``$HUGGING_FACE_HUB_TOKEN``,
-  and whatever :func:`add_secret` registered (the trainer registers its token as soon as it reads it);
+  the trackers' credentials (``$MLFLOW_TRACKING_PASSWORD``, ``$MLFLOW_TRACKING_TOKEN``,
+  ``$WANDB_API_KEY``), and whatever :func:`add_secret` registered (the trainer registers its token and
+  the trackers' as soon as it reads them);
 - the credential of an ``Authorization`` header (``Bearer``, ``token``, ``Basic``), a ``Bearer`` value,
   and the password of a URL (``https://user:pw@host``), as a server may echo them back;
 - base64 text that decodes to any of the first two.
@@ -54,7 +56,15 @@ MIN_SECRET_LENGTH = 6  # shorter known values are not masked: they would mask or
 
 # Values this process knows to be secret (e.g. $HF_TOKEN), whatever their shape.
 _KNOWN: set[str] = set()
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# The Hub token and the experiment trackers' credentials (kubetune.render.secret_refs fills them from
+# Secrets): masked in every process that has them, the prepare init container's included.
+SECRET_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
+)
 
 
 def add_secret(value: str | None) -> None:

@@ -15,13 +15,16 @@ import copy
 import hashlib
 import json
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from kubetune import __version__
-from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob, SecretSource
 from kubetune.contract import (
+    ANNOTATION_SOURCE_COMMIT,
+    ANNOTATION_SOURCE_REPO,
     ANNOTATION_SPEC_HASH,
     ENV_DISTRIBUTED,
     ENV_GPUS_PER_NODE,
@@ -149,12 +152,24 @@ def _metadata(job: FineTuneJob, name: str) -> dict[str, Any]:
     return meta
 
 
+# The annotations of the FineTuneJob that reach the trainer's spec file (for the model card's lineage).
+SPEC_FILE_ANNOTATIONS = (ANNOTATION_SOURCE_COMMIT, ANNOTATION_SOURCE_REPO)
+
+
 def spec_document(job: FineTuneJob) -> str:
     """The file the trainer reads: the FineTuneJob with every default resolved (full lineage), and
-    nothing from metadata but its name, namespace and generation."""
+    from metadata only its name, namespace, UID and GitOps source annotations (SPEC_FILE_ANNOTATIONS):
+    no labels, no other annotation (kubectl's last-applied copy of the object, anyone's notes)."""
     meta: dict[str, Any] = {"name": job.metadata.name}
     if job.metadata.namespace:
         meta["namespace"] = job.metadata.namespace
+    if job.metadata.uid:
+        meta["uid"] = job.metadata.uid
+    annotations = {
+        k: job.metadata.annotations[k] for k in SPEC_FILE_ANNOTATIONS if k in job.metadata.annotations
+    }
+    if annotations:
+        meta["annotations"] = annotations
     doc = {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -224,6 +239,62 @@ def render_claim(job: FineTuneJob) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
+# The tracker credentials' environment variables: the names MLflow and W&B read themselves.
+ENV_MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+ENV_MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
+ENV_WANDB_API_KEY = "WANDB_API_KEY"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A Secret the trainer reads, through one environment variable of its container."""
+
+    field: str  # the spec field of the SecretSource, e.g. spec.output.hub.token
+    env: str  # the environment variable that holds the value
+    name: str  # the Secret
+    key: str  # the key inside it
+    holds: str  # what the value is, for messages: "Hugging Face token with write access"
+
+
+def secret_refs(job: FineTuneJob) -> list[SecretRef]:
+    """Every Secret the run's pods read, in the order of their env: the Hub token, and the credentials
+    of the trackers in training.reportTo (a tracker not reported to gets none of its Secrets). The
+    operator's SecretMissing check and the trainer's fail-fast check go through the same list."""
+    spec = job.spec
+    found: list[tuple[str, str, SecretSource | None, str]] = []  # field, env, source, what it holds
+    if spec.output.hub is not None:
+        found.append(
+            (
+                "spec.output.hub.token",
+                ENV_HF_TOKEN,
+                spec.output.hub.token,
+                "Hugging Face token with write access",
+            )
+        )
+    trackers, report_to = spec.training.trackers, spec.training.report_to
+    if "mlflow" in report_to and trackers.mlflow is not None:
+        found.append(
+            (
+                "spec.training.trackers.mlflow.password",
+                ENV_MLFLOW_PASSWORD,
+                trackers.mlflow.password,
+                "MLflow password",
+            )
+        )
+        found.append(
+            ("spec.training.trackers.mlflow.token", ENV_MLFLOW_TOKEN, trackers.mlflow.token, "MLflow token")
+        )
+    if "wandb" in report_to and trackers.wandb is not None:
+        found.append(
+            ("spec.training.trackers.wandb.apiKey", ENV_WANDB_API_KEY, trackers.wandb.api_key, "W&B API key")
+        )
+    return [
+        SecretRef(field, env, source.secret_key_ref.name, source.secret_key_ref.key, holds)
+        for field, env, source, holds in found
+        if source is not None
+    ]
+
+
 def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
     spec = job.spec
     res = spec.resources
@@ -240,18 +311,17 @@ def _env(job: FineTuneJob, name: str) -> list[dict[str, Any]]:
         # Model and dataset downloads are cached on the workspace: a replaced pod does not fetch again.
         {"name": "HF_HOME", "value": f"{spec.storage.mount_path}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # TRL and huggingface_hub report usage to the Hub on every run: a training pod sends nothing but
+        # what its spec asks for.
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
-    if spec.output.hub is not None:
-        ref = spec.output.hub.token.secret_key_ref
-        # Optional: a missing Secret starts the container anyway, and the trainer exits with
-        # Exit.SECRET_MISSING and says which Secret to create (a required one would leave the pod in
-        # CreateContainerConfigError, holding its GPUs, with no reason on the FineTuneJob).
-        env.append(
-            {
-                "name": ENV_HF_TOKEN,
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}},
-            }
-        )
+    # Optional: a missing Secret starts the container anyway, and the trainer exits with
+    # Exit.SECRET_MISSING and says which Secret to create (a required one would leave the pod in
+    # CreateContainerConfigError, holding its GPUs, with no reason on the FineTuneJob).
+    env.extend(
+        {"name": ref.env, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": True}}}
+        for ref in secret_refs(job)
+    )
     return env
 
 

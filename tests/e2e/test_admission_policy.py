@@ -230,7 +230,8 @@ def test_admission_policy_gives_a_tenant_no_power_she_does_not_have(
 
     # A Secret she cannot read: refused, with the Secret, the reason and the fix; never its value.
     stolen = spec(output={"hub": {"repoId": "org/x", "token": {"secretKeyRef": {"name": "db-password"}}}})
-    [secret_ref, claim_ref] = REFERENCES
+    refs = {r.field.split(".secretKeyRef")[0]: r for r in REFERENCES}
+    secret_ref, claim_ref = refs["spec.output.hub.token"], refs["spec.storage.claimName"]
     expected = secret_ref.message.text(user="alice", name="db-password", namespace=ns)
     # The policy takes a moment to be loaded by the API server after it is created.
     poll(
@@ -265,6 +266,29 @@ def test_admission_policy_gives_a_tenant_no_power_she_does_not_have(
     # A claim she may not read: not mounted either.
     claimed = spec(storage={"claimName": "someone-elses-data"})
     refused_with(bob, claimed, claim_ref.message.text(user="bob", name="someone-elses-data", namespace=ns))
+
+    # The experiment trackers' Secrets, exactly as the Hub token's: one she may not read is refused (named
+    # is enough: the tracker need not be in reportTo), one she may read is admitted.
+    for field, settings in (
+        (
+            "spec.training.trackers.wandb.apiKey",
+            {"wandb": {"apiKey": {"secretKeyRef": {"name": "db-password"}}}},
+        ),
+        (
+            "spec.training.trackers.mlflow.password",
+            {"mlflow": {"password": {"secretKeyRef": {"name": "db-password"}}}},
+        ),
+        (
+            "spec.training.trackers.mlflow.token",
+            {"mlflow": {"token": {"secretKeyRef": {"name": "db-password"}}}},
+        ),
+    ):
+        for report_to in ([], ["wandb", "mlflow"]):
+            tracked = spec(training={"reportTo": report_to, "trackers": settings})
+            refused_with(bob, tracked, refs[field].message.text(user="bob", name="db-password", namespace=ns))
+    readable = {"wandb": {"apiKey": {"secretKeyRef": {"name": "hf-token"}}}}
+    admitted, said = bob.create(spec(training={"reportTo": ["wandb"], "trackers": readable}))
+    assert admitted, said
 
     # The limits: each refused with the operator's own words (kubetune.policy.check).
     [configmap] = [d for d in objects if d["kind"] == "ConfigMap"]

@@ -37,12 +37,14 @@ from kubetune.render import (
     render_claim,
     render_job,
     run_name,
+    secret_refs,
     spec_hash,
     workspace_claim,
 )
 from kubetune_operator.fit import Fit
 from kubetune_operator.status import (
     INDEX_ANNOTATION,
+    LINEAGE_FIELDS,
     TERMINAL,
     Conditions,
     Event,
@@ -51,6 +53,7 @@ from kubetune_operator.status import (
     created,
     deleting,
     failed_pods,
+    final_progress,
     format_time,
     image_pull_problem,
     job_failure,
@@ -115,7 +118,10 @@ class Observed:
     jobs: list[dict[str, Any]] = field(default_factory=list)  # every Job of this FineTuneJob, all runs
     pods: list[dict[str, Any]] = field(default_factory=list)  # the current run's pods
     claim: dict[str, Any] | None = None  # the workspace claim kubetune creates, if it exists
-    secret: SecretCheck | None = None  # the Hub token Secret, when it was looked at
+    # The Secrets the run reads (kubetune.render.secret_refs), when they were looked at; the fields of the
+    # missing ones (SecretRef.field) when some are.
+    secret: SecretCheck | None = None
+    missing_secrets: tuple[str, ...] = ()
     log_tail: str | None = None  # the end of rank 0's trainer log, when it could be read
     rejected: str | None = None  # the API server refused to create the run's objects, this pass
     image: str | None = None  # the operator's trainer image, for specs that name none
@@ -211,6 +217,7 @@ def plan(obs: Observed, now: datetime) -> Plan:
         "tokensPerSecond",
         "restarts",
         "preemptions",
+        *LINEAGE_FIELDS,  # kept within the run once reported, after its pods and their logs are gone
     ):
         status[key] = before.get(key)
     status.update(startTime=before.get("startTime"), completionTime=before.get("completionTime"))
@@ -319,7 +326,9 @@ def _before_create(
     if obs.policy_problem is not None:
         return UNAVAILABLE, obs.policy_problem, _backoff(before, UNAVAILABLE, now)
     if obs.secret == "missing":
-        message = secret_missing_message(job, namespace) + "; the run starts once it exists"
+        message = secret_missing_message(job, namespace, obs.missing_secrets)
+        several = len({r.name for r in secret_refs(job) if r.field in obs.missing_secrets}) > 1
+        message += "; the run starts once " + ("they exist" if several else "it exists")
         return "SecretMissing", message, _backoff(before, "SecretMissing", now)
     claim = obs.claim
     if claim is None or not job.spec.storage.creates_claim:
@@ -402,7 +411,9 @@ def _run_status(
     policy = job.spec.run_policy
     if jstatus.get("startTime"):
         status["startTime"] = jstatus["startTime"]
-    status.update(progress_fields(obs.log_tail))
+    # A pod that succeeded left its last progress line as its termination message (read only when no
+    # log could be read).
+    status.update(progress_fields(obs.log_tail or final_progress(pods)))
     # Failures the Job counted, plus preemptions (which it does not count: podFailurePolicy ignores
     # them), counted once each, when the reason turns Preempted.
     failures = int(jstatus.get("failed") or 0)

@@ -43,7 +43,7 @@ from kubetune.api.v1alpha1 import TOKEN_MESSAGE, FineTuneJob
 from kubetune.contract import LABEL_JOB
 from kubetune.policy import Limits
 from kubetune.redact import find_tokens, redact, redact_data
-from kubetune.render import CONTAINER, render_claim, run_name, spec_hash, workspace_claim
+from kubetune.render import CONTAINER, render_claim, run_name, secret_refs, spec_hash, workspace_claim
 from kubetune_operator.cache import Cache, Key
 from kubetune_operator.fit import Fit, FitChecker
 from kubetune_operator.kube import Fenced, Kube, api_message, describe_error, event_name
@@ -194,12 +194,14 @@ class Reconciler:
         old = obj.get("status") or {}
         settled = old.get("specHash") == spec_hash(job) and old.get("state") in TERMINAL
         settled = settled and old.get("reason") not in RECHECKED  # decided again on every pass
-        secret, fit = None, None
+        secret: SecretCheck | None = None
+        missing: tuple[str, ...] = ()
+        fit = None
         if current is None and not settled:
             # Only before the run's Job exists: running work is never refused.
             fit = self._fit(namespace, name, job)
             if fit is None or fit.verdict not in ("unfit", "waiting"):  # else the pass would not use it
-                secret = self._secret(namespace, name, job)
+                secret, missing = self._secrets(namespace, name, job)
         return Observed(
             obj,
             job,
@@ -207,6 +209,7 @@ class Reconciler:
             pods=pods,
             claim=claim,
             secret=secret,
+            missing_secrets=missing,
             fit=fit,
             log_tail=self._log_tail(namespace, name, pods),
             **self._policy(),
@@ -263,24 +266,27 @@ class Reconciler:
             log.warning("fit check failed: %s", describe_error(e), extra=_ctx(namespace, name))
             return Fit("unchecked", f"GPU memory not checked: {describe_error(e)}")
 
-    def _secret(self, namespace: str, name: str, job: FineTuneJob) -> SecretCheck | None:
-        """Whether the Hub token Secret exists: metadata only (its data never reaches the operator)."""
-        hub = job.spec.output.hub
-        if hub is None or not self.secret_precheck:
-            return None
-        try:
-            found = self.kube.secret_exists(namespace, hub.token.secret_key_ref.name)
-        except ApiException as e:
-            if e.status != 403:
-                raise
-            # Not granted (the chart's secretPreCheck.enabled=false): the trainer's exit code says it.
-            log.debug(
-                "cannot check Secret %s: forbidden",
-                hub.token.secret_key_ref.name,
-                extra=_ctx(namespace, name),
-            )
-            return "unknown"
-        return "present" if found else "missing"
+    def _secrets(
+        self, namespace: str, name: str, job: FineTuneJob
+    ) -> tuple[SecretCheck | None, tuple[str, ...]]:
+        """Whether the Secrets the run reads exist (the Hub token's, the trackers' in reportTo), and the
+        fields of those that do not: metadata only (their data never reaches the operator)."""
+        refs = secret_refs(job)
+        if not refs or not self.secret_precheck:
+            return None, ()
+        missing: list[str] = []
+        for secret in dict.fromkeys(r.name for r in refs):  # each Secret once, in the order of the env
+            try:
+                found = self.kube.secret_exists(namespace, secret)
+            except ApiException as e:
+                if e.status != 403:
+                    raise
+                # Not granted (the chart's secretPreCheck.enabled=false): the trainer's exit code says it.
+                log.debug("cannot check Secret %s: forbidden", secret, extra=_ctx(namespace, name))
+                return "unknown", ()
+            if not found:
+                missing += [r.field for r in refs if r.name == secret]
+        return ("missing" if missing else "present"), tuple(missing)
 
     def _log_tail(self, namespace: str, name: str, pods: list[dict[str, Any]]) -> str | None:
         """The end of rank 0's trainer log, where the progress lines are. Best effort: one request,

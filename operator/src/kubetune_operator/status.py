@@ -8,6 +8,7 @@ built on them (what to create, delete or patch) are kubetune_operator.plan's.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from kubetune.contract import (
 )
 from kubetune.durations import format_duration
 from kubetune.redact import redact
-from kubetune.render import CONTAINER, PREPARE_CONTAINER
+from kubetune.render import CONTAINER, PREPARE_CONTAINER, SecretRef, secret_refs
 
 TERMINAL = ("Succeeded", "Failed")
 INDEX_ANNOTATION = ANNOTATION_COMPLETION_INDEX
@@ -187,17 +188,31 @@ def _clip(text: str, limit: int = MESSAGE_MAX) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def secret_missing_message(job: FineTuneJob, namespace: str) -> str:
-    hub = job.spec.output.hub
-    name, key = (hub.token.secret_key_ref.name, hub.token.secret_key_ref.key) if hub else ("?", "token")
-    return (
-        f'the Secret "{name}" with key "{key}" (spec.output.hub.token.secretKeyRef) does not exist in '
-        f"namespace {namespace}: create it with `kubectl create secret generic {name} -n {namespace} "
-        f"--from-literal={key}=<Hugging Face token with write access>`"
-    )
+def secret_missing_message(job: FineTuneJob, namespace: str, missing: Sequence[str] = ()) -> str:
+    """What to create: each missing Secret (``missing``: the fields of kubetune.render.secret_refs whose
+    Secret does not exist; empty: the first the run reads), with every key the run reads from it."""
+    refs = [r for r in secret_refs(job) if r.field in missing] or secret_refs(job)[:1]
+    by_secret: dict[str, list[SecretRef]] = {}
+    for ref in refs:
+        by_secret.setdefault(ref.name, []).append(ref)
+    if not by_secret:
+        return f"a Secret the run reads does not exist in namespace {namespace}"
+    parts = []
+    for name, group in by_secret.items():
+        keys = list(dict.fromkeys(r.key for r in group))
+        keys_text = f'key "{keys[0]}"' if len(keys) == 1 else "keys " + ", ".join(f'"{k}"' for k in keys)
+        fields = ", ".join(f"{r.field}.secretKeyRef" for r in group)
+        literals = " ".join(
+            f"--from-literal={key}=<{next(r.holds for r in group if r.key == key)}>" for key in keys
+        )
+        parts.append(
+            f'the Secret "{name}" with {keys_text} ({fields}) does not exist in namespace {namespace}: '
+            f"create it with `kubectl create secret generic {name} -n {namespace} {literals}`"
+        )
+    return "; ".join(parts)
 
 
-def _hint(reason: str, job: FineTuneJob | None) -> tuple[str, str] | None:
+def _hint(reason: str, job: FineTuneJob | None, message: str) -> tuple[str, str] | None:
     """(a word the message must already contain, or the hint to add) per reason."""
     if reason == "CUDAOutOfMemory":
         return (
@@ -206,9 +221,13 @@ def _hint(reason: str, job: FineTuneJob | None) -> tuple[str, str] | None:
             "training.maxSeqLength, keep training.gradientCheckpointing on, or use larger GPUs "
             "(resources.gpuType)",
         )
-    if reason == "SecretMissing" and job is not None and job.spec.output.hub is not None:
-        ref = job.spec.output.hub.token.secret_key_ref
-        return (ref.name, f'create the Secret "{ref.name}" with key "{ref.key}" holding the Hub token')
+    if reason == "SecretMissing" and job is not None:
+        # The trainer names the Secret it missed (the Hub token's, or a tracker's); a message that names
+        # none of the run's Secrets gets the first one's.
+        refs = secret_refs(job)
+        if refs and not any(f'"{r.name}"' in message or f"'{r.name}'" in message for r in refs):
+            ref = refs[0]
+            return (ref.name, f'create the Secret "{ref.name}" with key "{ref.key}" holding the {ref.holds}')
     if reason == "DatasetError":
         return ("spec.dataset", "check spec.dataset (id, files, format and its field names)")
     return None
@@ -266,7 +285,7 @@ def pod_failure(pod: dict[str, Any], job: FineTuneJob | None = None) -> Failure:
         message = f"{who} exited with code {code}" + (f" ({treason})" if treason else "")
         if text.strip():
             message += f"; the end of its log: {text.strip()[-600:]}"
-    hint = _hint(reason, job)
+    hint = _hint(reason, job, message)
     if hint is not None and hint[0] not in message:
         message = f"{message.rstrip('.')}: {hint[1]}"
     return Failure(
@@ -341,7 +360,39 @@ def progress_fields(log_tail: str | None) -> dict[str, Any]:
         out["eta"] = format_duration(report["eta_seconds"])
     if report.get("tokens_per_second") is not None:
         out["tokensPerSecond"] = round(report["tokens_per_second"] or 0)
+    # Lineage (checked by contract._clean: a 40-hex commit, a plain http(s) URL). A URL that holds
+    # anything secret-shaped is left out, not masked: a masked URL leads nowhere.
+    if report.get("base_model_commit"):
+        out["baseModelCommit"] = report["base_model_commit"]
+    url = report.get("hub_commit_url")
+    if url and redact(url) == url:
+        out["hubCommitUrl"] = url
     return out
+
+
+# Status fields that, once a run's trainer reported them, stay for the rest of the run: a later pass may
+# find no log to read (the pod succeeded, or its replacement has not said it yet).
+LINEAGE_FIELDS = ("baseModelCommit", "hubCommitUrl")
+
+
+def final_progress(pods: list[dict[str, Any]]) -> str | None:
+    """The trainer's last progress line, from the termination message of rank 0's newest succeeded pod.
+
+    The log of a pod is read only while it runs, and the final line (the one with the Hub commit URL)
+    comes just before the trainer exits; so a trainer that succeeds also leaves that line as its
+    termination message, which the Pod's status keeps after the container is gone."""
+    done = [
+        p
+        for p in pods
+        if phase(p) == "Succeeded"
+        and (p.get("metadata", {}).get("annotations") or {}).get(INDEX_ANNOTATION, "0") == "0"
+    ]
+    pod = newest(done)
+    if pod is None:
+        return None
+    term = (_trainer_status(pod).get("state") or {}).get("terminated") or {}
+    message = term.get("message")
+    return message if isinstance(message, str) and message else None
 
 
 # --------------------------------------------------------------------------------------------------

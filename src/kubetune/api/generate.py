@@ -107,6 +107,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     for key in keys:
         if key in node:
             out[key] = node[key]
+    if typ == "string" and "enum" in node and "maxLength" not in out:
+        # The API server budgets CEL by maxLength, not by enum: unbounded, a rule comparing this string
+        # is costed as if it could be megabytes long.
+        out["maxLength"] = max(len(v) for v in node["enum"])
     # A format with CEL rules says what is wrong in words; a bare pattern would only quote the regex.
     if "pattern" in node and not node.get("cel"):
         out["pattern"] = node["pattern"]

@@ -40,7 +40,6 @@ from pydantic import (
     GetJsonSchemaHandler,
     PrivateAttr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -706,7 +705,17 @@ class SecretSource(_Model):
     """Where a secret value comes from. Only a Secret reference is accepted: never the value itself."""
 
     secret_key_ref: SecretKeySelector
-    """The Secret and key that hold the Hugging Face token."""
+    """The Secret and key that hold the value."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_reference_not_a_value(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                "a secret cannot be written inline; store it in a Secret and set "
+                "secretKeyRef: {name: <secret>, key: <key>}"
+            )
+        return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -756,7 +765,10 @@ TRAIN_ON_BY_FORMAT: dict[str, tuple[TrainOn, ...]] = {
     "completion": ("completion", "all"),
     "chat": ("assistant", "all"),
 }
-MAX_DATASET_SOURCES = 16
+# The API server budgets each CEL rule by its worst case: a source's file-type rule runs over every file
+# of every source, so sources x files per source stays near a single source's 256 files.
+MAX_DATASET_SOURCES = 8
+MAX_SOURCE_FILES = 64
 
 
 class ValidationSplit(_Model):
@@ -830,7 +842,7 @@ class DatasetPart(_Model):
     """One source of training rows: a Hub dataset at a pinned revision, or local jsonl/csv/parquet
     files, with its own format and fields. A dataset is one source, or a mix of them (`sources`)."""
 
-    RULES = (
+    RULES: ClassVar[tuple[Rule, ...]] = (  # DatasetSource, its subclass, has rules of its own too
         Rule(
             "has(self.id) != has(self.files)",
             "set exactly one of id (a Hub dataset) or files (local files)",
@@ -848,8 +860,9 @@ class DatasetPart(_Model):
     """Hub revision (branch, tag or commit) of `id`."""
     split: Identifier = "train"
     """Split of the Hub dataset to train on."""
-    files: list[Path] | None = Field(default=None, min_length=1, max_length=256)
-    """Local data files, all of one type: `.jsonl`/`.json`, `.csv` or `.parquet`."""
+    files: list[Path] | None = Field(default=None, min_length=1, max_length=MAX_SOURCE_FILES)
+    """Local data files, all of one type: `.jsonl`/`.json`, `.csv` or `.parquet` (at most 64 per source of
+    a mix, 256 for a dataset of one source)."""
     format: DatasetFormat = "text"
     """How rows become training text. `text`: one column of ready text (`textField`).
     `alpaca`: `instruction`/`input`/`output` columns in the Alpaca prompt.
@@ -909,15 +922,22 @@ class DatasetSource(DatasetPart):
         Rule(
             "!has(self.sources) || !("
             + " || ".join(
-                f"(has(self.{wire}) && self.{wire} != {default!r})" if default is not None else f"has(self.{wire})"
+                f"(has(self.{wire}) && self.{wire} != {default!r})"
+                if default is not None
+                else f"has(self.{wire})"
                 for wire, _, default in _PER_SOURCE
             )
             + ")",
             "with dataset.sources, set "
             + ", ".join(wire for wire, _, _ in _PER_SOURCE)
             + " on each source, not on dataset",
-            lambda m: m.sources is None
-            or all(getattr(m, name) == (default if default is not None else None) for _, name, default in _PER_SOURCE),
+            lambda m: (
+                m.sources is None
+                or all(
+                    getattr(m, name) == (default if default is not None else None)
+                    for _, name, default in _PER_SOURCE
+                )
+            ),
         ),
         _FILES_RULE,
         _TRAIN_ON_RULE,
@@ -930,6 +950,8 @@ class DatasetSource(DatasetPart):
     )
     model_config = with_rules(*RULES)
 
+    files: list[Path] | None = Field(default=None, min_length=1, max_length=256)
+    """Local data files, all of one type: `.jsonl`/`.json`, `.csv` or `.parquet`."""
     sources: list[DatasetPart] | None = Field(default=None, min_length=1, max_length=MAX_DATASET_SOURCES)
     """A mix of sources, each with its own format, fields, split, `weight` and `maxRows`, instead of
     `id`/`files`. Empty and duplicate rows are dropped across the mix (first source first), the rows
@@ -1079,8 +1101,23 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 TrackerText = Annotated[str, WIRE_STR, text(2048)]
 
 
+_URL_PASSWORD_RE = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@"
+_URL_PASSWORD = re.compile(_URL_PASSWORD_RE)
+
+
 class MlflowSpec(_Model):
     """MLflow settings (`training.reportTo: [mlflow]`)."""
+
+    RULES = (
+        Rule(
+            f"!has(self.trackingUri) || !self.trackingUri.matches({cel_string(_URL_PASSWORD_RE)})",
+            "training.trackers.mlflow.trackingUri must not hold a password (it would sit in the spec and "
+            "the trainer's ConfigMap): set training.trackers.mlflow.username and .password (a Secret)",
+            lambda m: m.tracking_uri is None or _URL_PASSWORD.match(m.tracking_uri) is None,
+            field="trackingUri",
+        ),
+    )
+    model_config = with_rules(*RULES)
 
     tracking_uri: TrackerText | None = None
     """`MLFLOW_TRACKING_URI`, e.g. `http://mlflow.mlflow:5000`. Unset: a file store in the run folder
@@ -1139,6 +1176,20 @@ class TrainingSpec(_Model):
             "training.blockSize is the length of wrapped blocks: set training.packing to wrapped or drop "
             "training.blockSize",
             lambda t: t.block_size is None or t.packing in (None, "wrapped"),
+        ),
+        Rule(
+            "!has(self.reportTo) || !('wandb' in self.reportTo) || (has(self.trackers) "
+            "&& has(self.trackers.wandb) && ((has(self.trackers.wandb.mode) && self.trackers.wandb.mode == "
+            "'offline') || has(self.trackers.wandb.apiKey)))",
+            "reportTo wandb needs training.trackers.wandb.apiKey (a Secret with your W&B API key), or "
+            "training.trackers.wandb.mode offline",
+            lambda t: (
+                "wandb" not in t.report_to
+                or (
+                    t.trackers.wandb is not None
+                    and (t.trackers.wandb.mode == "offline" or t.trackers.wandb.api_key is not None)
+                )
+            ),
         ),
         Rule(
             "!has(self.earlyStoppingPatience) || !has(self.saveSteps) || !has(self.evalSteps) "
@@ -1354,16 +1405,6 @@ class HubOutput(_Model):
     token: SecretSource
     """The Hugging Face token with write access, only as a Secret reference. It is also used to
     download gated base models and datasets."""
-
-    @field_validator("token", mode="before")
-    @classmethod
-    def _token_is_a_reference(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            raise ValueError(
-                "a token cannot be written inline; store it in a Secret and set "
-                "token.secretKeyRef: {name: <secret>, key: <key>}"
-            )
-        return value
 
 
 class OutputSpec(_Model):

@@ -97,12 +97,23 @@ def resolve_target_modules(lora: LoraSpec, model_type: str | None) -> list[str] 
     return ALL_LINEAR
 
 
-def lora_config_kwargs(spec: FineTuneJobSpec, model_type: str | None) -> dict[str, Any] | None:
-    """``peft.LoraConfig`` keyword arguments, or ``None`` for full fine-tuning."""
+# The names peft ties when the model shares its input embeddings and output head
+# (peft.utils.constants.EMBEDDING_LAYER_NAMES): with `ensure_weight_tying` one trained copy serves both.
+TIED_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def lora_config_kwargs(
+    spec: FineTuneJobSpec, model_type: str | None, *, tied_embeddings: bool = False
+) -> dict[str, Any] | None:
+    """``peft.LoraConfig`` keyword arguments, or ``None`` for full fine-tuning.
+
+    ``tied_embeddings``: the model's ``tie_word_embeddings``. Listing the embeddings or the head in
+    ``modulesToSave`` then trains one copy shared by both (peft's ``ensure_weight_tying``): two copies
+    trained apart would be saved as one by a merge whose config still says the weights are tied."""
     lora = spec.method.effective_lora()
     if lora is None:
         return None
-    return {
+    kwargs: dict[str, Any] = {
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
@@ -110,6 +121,18 @@ def lora_config_kwargs(spec: FineTuneJobSpec, model_type: str | None) -> dict[st
         "target_modules": resolve_target_modules(lora, model_type),
         "task_type": "CAUSAL_LM",
     }
+    if lora.modules_to_save:
+        kwargs["modules_to_save"] = list(lora.modules_to_save)
+        if tied_embeddings and any(
+            n.rsplit(".", 1)[-1] in TIED_EMBEDDING_NAMES for n in lora.modules_to_save
+        ):
+            kwargs["ensure_weight_tying"] = True
+    if lora.use_dora:
+        kwargs["use_dora"] = True
+    if lora.rs_lora:
+        # The update is scaled by alpha / sqrt(r) instead of alpha / r.
+        kwargs["use_rslora"] = True
+    return kwargs
 
 
 def sft_config_kwargs(
@@ -169,6 +192,10 @@ def sft_config_kwargs(
         "dataloader_pin_memory": hw.cuda,
         "use_cpu": not hw.cuda,
     }
+    if t.neftune_noise_alpha is not None:
+        # transformers' Trainer adds the noise in a forward hook on the input embeddings, in training mode
+        # only (evaluation and the samples see clean embeddings).
+        kwargs["neftune_noise_alpha"] = float(t.neftune_noise_alpha)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen (quantized) inputs and with DDP.
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,41 @@ def _files(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
     )
 
 
+# Suffixes of files that are pickles (torch.save, joblib, pickle): loading one runs whatever code it holds.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def is_pickle(path: Path) -> bool:
+    """Whether ``path`` is (or holds) a pickle: by its suffix, a pickle's first bytes (PROTO opcode),
+    or a zip archive with a ``.pkl`` member (torch.save's format, whatever the file is called)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    with path.open("rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header (its first byte may be
+    # 0x80 and its second 2 to 5, as a pickle's are).
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size:
+        return False
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:
+        return True
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith(".pkl") for name in archive.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
 def plan_upload(
     *, root_folder: Path | None, extra_files: list[Path], merged_folder: Path | None
 ) -> list[tuple[str, Path]]:
-    """``(path in repo, local file)`` pairs: the adapter (or full model) at the root, the card, metrics
-    and samples next to it, and the merged model under ``merged/``."""
+    """``(path in repo, local file)`` pairs: the adapter (or full model) at the root, the card, its loss
+    curve, metrics and samples next to it, and the merged model (with its own card) under ``merged/``.
+
+    Refuses pickles (``training_args.bin``, ``pytorch_model.bin``, ...): whoever loads the pushed model
+    would run the code in them. kubetune writes weights as safetensors and nothing else as a pickle."""
     plan: dict[str, Path] = {}
     if root_folder is not None:
         plan.update(_files(root_folder))
@@ -94,6 +125,14 @@ def plan_upload(
             plan[f.name] = f
     if merged_folder is not None:
         plan.update(_files(merged_folder, "merged/"))
+    pickles = sorted(name for name, local in plan.items() if is_pickle(local))
+    if pickles:
+        raise TrainerError(
+            f"output.hub: refusing to push {', '.join(pickles)}: pickle files run code when they are "
+            "loaded, and kubetune pushes none (weights go as safetensors). They were found in the folders "
+            f"to push ({', '.join(str(p) for p in (root_folder, merged_folder) if p is not None)}): remove "
+            "them; the next start pushes without training"
+        )
     return sorted(plan.items())
 
 
@@ -130,7 +169,7 @@ def push(
     from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
     for path_in_repo, local in files:
-        if path_in_repo in WRITTEN_BY_KUBETUNE:
+        if path_in_repo.rsplit("/", 1)[-1] in WRITTEN_BY_KUBETUNE:  # the merged model's card too
             check_no_secrets(local.read_text(encoding="utf-8", errors="replace"), what=path_in_repo)
     token = token or hub_token()
     add_secret(token)

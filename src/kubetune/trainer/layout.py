@@ -5,10 +5,13 @@ Every run owns one folder, so an edited spec never picks up another spec's check
     <output>/runs/<run>/
         checkpoints/checkpoint-N/   Trainer checkpoints (a restart of the same run resumes from the newest)
         training-complete.json      written once training ended (not preempted): a rerun does not train
-        adapter/                    the LoRA adapter, tokenizer (chat template), README.md (full: model/)
-        merged/                     base + adapter merged (output.pushMerged)
-        README.md                   the model card
+        adapter/                    the LoRA adapter, tokenizer (chat template), README.md, loss.png
+                                    (full: model/)
+        merged/                     base + adapter merged, with its own README.md and loss.png
+                                    (output.merged)
+        README.md  loss.png         the model card and its loss curve
         metrics.json  samples.json  progress.json
+        tensorboard/  mlruns/  wandb/   experiment trackers (training.reportTo)
 
 ``<run>`` is ``$KUBETUNE_RUN`` (set by the Job) or, outside a cluster, :func:`kubetune.render.run_name`:
 ``<name>-<first 8 of the spec hash>``, the same name the operator gives the run's Job. Caches (``HF_HOME``,

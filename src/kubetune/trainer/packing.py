@@ -15,6 +15,15 @@ The input rows have ``input_ids`` and ``labels`` (``-100``: no loss), already tr
 ``maxSeqLength`` (:mod:`kubetune.trainer.data`). :func:`pack` runs inside the cached prepare step, so
 it must not depend on the model; the attention path is chosen when the model is loaded
 (:func:`attention_plan`, called by :func:`kubetune.trainer.modeling.load_model`).
+
+``model.attnImplementation`` and ``bfd``: the kernel asked for is the kernel used, and the layout
+follows it: ``flash_attention_2`` gets the flattened varlen batch, ``sdpa`` and ``eager`` one row per
+bin with the block mask (eager materializes it per head: slower, more memory, the same loss), and a
+family that cannot take padding-free batches gets padded rows with that kernel. Unset, ``bfd`` picks
+flash-attention where the GPU, the package and the family allow it, else SDPA. A kernel the process or
+the family cannot run is refused before any weights load (:mod:`kubetune.trainer.modeling`).
+NEFTune scales its noise by the length of the rows it sees: with the flattened layout that is the
+whole batch, so the same ``neftuneNoiseAlpha`` adds less noise per token than with padded rows.
 """
 
 from __future__ import annotations
@@ -89,13 +98,14 @@ class AttentionPlan:
                 "eager": "eager attention with block mask",
             }.get(self.attn_implementation or "sdpa", str(self.attn_implementation))
             return f"packing bfd: padding-free, {kernel} ({self.reason})"
+        kernel = f" ({self.attn_implementation})" if self.attn_implementation else ""
         return (
-            f"packing bfd: padded rows, no padding-free ({self.reason}); packing none with "
+            f"packing bfd: padded rows{kernel}, no padding-free ({self.reason}); packing none with "
             "groupByLength pads less for this model"
         )
 
 
-def _causal_lm_class(config: Any) -> Any | None:
+def causal_lm_class(config: Any) -> Any | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
@@ -108,17 +118,27 @@ def _takes_position_ids(cls: Any) -> bool:
     return "position_ids" in inspect.signature(cls.forward).parameters
 
 
-def attention_plan(config: Any, hw: Hardware) -> AttentionPlan:
-    """The attention path of ``bfd`` for a model of ``config`` on ``hw`` (before the model is loaded)."""
+def attention_plan(config: Any, hw: Hardware, requested: str | None = None) -> AttentionPlan:
+    """The attention path of ``bfd`` for a model of ``config`` on ``hw`` (before the model is loaded).
+
+    ``requested`` is ``model.attnImplementation``: the kernel is then the one asked for (checked by
+    :func:`kubetune.trainer.modeling.check_attn_implementation`), and only the layout follows from it:
+    flash-attention gets one flattened varlen row per batch, SDPA and eager one row per bin with the
+    block mask from ``position_ids``, and families that cannot take padding-free batches padded rows with
+    that kernel. Unset, the fastest correct kernel is chosen here."""
     model_type = getattr(config, "model_type", None)
-    cls = _causal_lm_class(config)
+    cls = causal_lm_class(config)
     if model_type in PADDED_FAMILIES:
-        return AttentionPlan(False, None, f"{model_type} builds its attention mask without position_ids")
+        return AttentionPlan(False, requested, f"{model_type} builds its attention mask without position_ids")
     if cls is None:
-        return AttentionPlan(False, None, f"{model_type}: not a transformers model class kubetune can check")
+        return AttentionPlan(
+            False, requested, f"{model_type}: not a transformers model class kubetune can check"
+        )
     known = model_type in PADDING_FREE_FAMILIES
     if not (known or getattr(cls, "_supports_attention_backend", False)) or not _takes_position_ids(cls):
-        return AttentionPlan(False, None, f"{model_type} cannot mask packed rows from position_ids")
+        return AttentionPlan(False, requested, f"{model_type} cannot mask packed rows from position_ids")
+    if requested is not None:
+        return AttentionPlan(True, requested, "model.attnImplementation")
     alibi = bool(getattr(config, "alibi", False))  # Falcon's flash path refuses ALiBi
     if hw.cuda and getattr(cls, "_supports_flash_attn", False) and not alibi:
         if importlib.util.find_spec("flash_attn") is not None:

@@ -1,12 +1,14 @@
 """Data preparation as its own cached step: ``python -m kubetune.trainer.prepare --spec FILE``.
 
-Load → format → clean/dedup → split (:mod:`kubetune.trainer.data`) → tokenize and truncate to
-``training.maxSeqLength`` (batched ``Dataset.map`` over ``num_proc`` processes) → pack
+Load → format → clean/dedup → split → weight/cap, per source (:mod:`kubetune.trainer.data`) → tokenize
+each source with its own format and ``trainOn``, truncated to ``training.maxSeqLength`` (batched
+``Dataset.map`` over ``num_proc`` processes) → the sources concatenated and shuffled by seed → pack
 (:func:`kubetune.trainer.packing.pack`) → an Arrow dataset (``save_to_disk``: ``train/``, ``eval/``,
 ``stats.json``) in ``<cache>/<key>/``, written to a temporary folder and renamed into place.
 
-The key is a digest of everything the prepared rows depend on: the dataset (the Hub commit its revision
-resolves to, or each file's sha256; offline, the raw dataset's ``datasets`` fingerprint), the tokenizer
+The key is a digest of everything the prepared rows depend on: each source (the Hub commit its revision
+resolves to, which is what is loaded, or each file's sha256; offline, the raw rows' ``datasets``
+fingerprint), the tokenizer
 (its serialized vocabulary and rules, special tokens and chat template), ``spec.dataset``,
 ``training.maxSeqLength`` / ``packing`` / ``blockSize`` / ``seed``, the tokenizer libraries' versions and
 :data:`PREP_FORMAT`. A changed input is a new key, so it is prepared again; an unchanged one is loaded.
@@ -43,14 +45,14 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.contract import ENV_PREPARE_NUM_PROC as ENV_NUM_PROC
-from kubetune.contract import ENV_PREPARED_DIR, ENV_WORKDIR, REASON_UNEXPECTED, Exit
+from kubetune.contract import ENV_PREPARED_DIR, ENV_RUN, ENV_WORKDIR, REASON_UNEXPECTED, Exit
 from kubetune.trainer.errors import DataError, TrainerError
 from kubetune.trainer.packing import pack
 
 log = logging.getLogger("kubetune.trainer")
 
 # Bump when what is written changes (columns, tokenization, stats.json): old entries are not reused.
-PREP_FORMAT = 1
+PREP_FORMAT = 2  # 2: dataset mixes, per-source stats, loss-token counts, lineage {"datasets": [...]}
 # Fewer rows than this per process and the pool's start-up costs more than it saves.
 MIN_ROWS_PER_PROC = 2000
 STATS_FILE = "stats.json"
@@ -125,7 +127,7 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def key_inputs(spec: FineTuneJobSpec, data_identity: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+def key_inputs(spec: FineTuneJobSpec, data_identity: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
     """Everything the prepared rows depend on (written to ``stats.json``, hashed into the key)."""
     from importlib import metadata
 
@@ -163,10 +165,10 @@ class Prepared:
     train: Any  # datasets.Dataset: input_ids, labels (and whatever packing adds)
     eval: Any | None
     stats: Any  # data.DataStats
-    tokens: dict[str, int]  # train_tokens, validation_tokens, *_dropped_by_truncation, *_sequences
+    tokens: dict[str, int]  # {train,validation}_{tokens,loss_tokens,dropped_by_truncation,sequences}
     key: str
     path: Path
-    lineage: dict[str, Any]
+    lineage: dict[str, Any]  # {"datasets": [per source: {id, revision, split, commit} | {files}]}
     cache_hit: bool = True
     seconds: float = 0.0  # this process's time to get the data (waiting included)
     waited_seconds: float = 0.0  # of which spent waiting for another preparer
@@ -228,23 +230,30 @@ def _tokens(ds: Any) -> int:
     return int(pc.sum(pc.list_value_length(ds.data.column("input_ids"))).as_py())
 
 
-def _identity(spec: FineTuneJobSpec, base_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
-    """(what identifies the dataset's content for the key, its lineage, raw rows if loaded for it)."""
+def _identity(
+    spec: FineTuneJobSpec, base_dir: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[int, str], Any]]:
+    """(what identifies each source's content for the key, the lineage, raw rows loaded for it): each
+    Hub revision is resolved to its commit before anything is loaded (``data.resolve``)."""
     from kubetune.trainer import data as data_mod
 
-    source = spec.dataset
-    lineage = data_mod.lineage(source, base_dir)
-    if source.files is not None or lineage.get("dataset_commit"):
-        return lineage, lineage, None, None
-    # Offline (or a mirror without the API): datasets' fingerprint of the rows it loaded.
-    raw = data_mod.load_raw(source, base_dir)
-    identity: dict[str, Any] = {"dataset_fingerprint": raw._fingerprint}
-    raw_eval = None
-    v = source.validation
-    if v is not None and v.split is not None:
-        raw_eval = data_mod.load_raw(source, base_dir, split=v.split)
-        identity["validation_fingerprint"] = raw_eval._fingerprint
-    return identity, lineage, raw, raw_eval
+    dataset = spec.dataset
+    lineage = data_mod.resolve(dataset, base_dir)
+    identity: list[dict[str, Any]] = []
+    raw: dict[tuple[int, str], Any] = {}
+    v = dataset.validation
+    for i, (part, entry) in enumerate(zip(dataset.parts(), lineage, strict=True)):
+        if part.files is not None or entry.get("commit"):
+            identity.append(entry)
+            continue
+        # Offline (or a mirror without the API): datasets' fingerprint of the rows it loaded.
+        splits = [part.split] + ([v.split] if v is not None and v.split is not None else [])
+        fingerprints = {}
+        for split in splits:
+            raw[(i, split)] = data_mod.load_raw(part, base_dir, split=split)
+            fingerprints[split] = raw[(i, split)]._fingerprint
+        identity.append({**entry, "fingerprints": fingerprints})
+    return identity, lineage, raw
 
 
 def _load(path: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -273,62 +282,110 @@ def _warn_truncation(tokens: dict[str, int], rows: dict[str, int], max_len: int)
             )
 
 
+def _tokenize_split(
+    what: str,
+    pieces: list[tuple[int, Any, Any]],
+    tokenizer: Any,
+    max_len: int,
+    num_proc: int | None,
+    work: Path,
+) -> tuple[Any, int, dict[str, Any]]:
+    """Each source's rows of one split, ``(index, part, rows)``, tokenized with the source's format and
+    ``trainOn``, then concatenated; returns them, the rows truncation dropped and the timings."""
+    import datasets
+
+    from kubetune.trainer import data as data_mod
+
+    rows = sum(len(ds) for _, _, ds in pieces)
+    # Per source: a small source of a big mix is not worth a process pool.
+    per_source = [default_num_proc(len(ds), num_proc) for _, _, ds in pieces]
+    procs = max(per_source)
+    start = time.monotonic()
+    out, dropped = [], 0
+    with _tokenizer_threads(procs):
+        for (i, part, ds), n_proc in zip(pieces, per_source, strict=True):
+            tokenized, n = data_mod.tokenize(
+                ds,
+                part.format,
+                tokenizer,
+                max_len,
+                train_on=part.effective_train_on(),
+                num_proc=n_proc,
+                cache_file_name=str(work / f"{what}-{i}-tokenized.arrow"),
+                what=what,
+            )
+            out.append(tokenized)
+            dropped += n
+    seconds = time.monotonic() - start
+    tokenized = out[0] if len(out) == 1 else datasets.concatenate_datasets(out)
+    n_tokens = _tokens(tokenized)
+    log.info(
+        "data: tokenized %d %s rows (%d tokens) in %.1f s with %d process%s (%.0f tokens/s)",
+        rows,
+        what,
+        n_tokens,
+        seconds,
+        procs,
+        "" if procs == 1 else "es",
+        n_tokens / seconds if seconds > 0 else 0.0,
+    )
+    return tokenized, dropped, {"num_proc": procs, "seconds": round(seconds, 3), "parts": out}
+
+
 def _prepare_into(
     tmp: Path,
     spec: FineTuneJobSpec,
     base_dir: Path,
     tokenizer: Any,
-    raw: Any,
-    raw_eval: Any,
+    lineage: list[dict[str, Any]],
+    raw: dict[tuple[int, str], Any],
     num_proc: int | None,
 ) -> tuple[dict[str, int], Any, dict[str, Any]]:
     """Prepare the splits into ``tmp`` (train/, eval/); returns token counts, stats and details."""
     from kubetune.trainer import data as data_mod
 
     max_len = spec.training.max_seq_length
-    rows = data_mod.prepare(spec, base_dir, tokenizer, raw=raw, raw_eval=raw_eval)
+    rows = data_mod.prepare(spec, base_dir, tokenizer, lineage=lineage, raw=raw)
     log.info("data: %s", rows.stats.summary())
+    mixed = len(rows.sources) > 1
+    if mixed:
+        for source in rows.stats.sources:
+            log.info("data: source %s", data_mod.source_summary(source))
+    # A mix, or a source weighted/capped (repeated rows side by side), is shuffled once tokenized.
+    shuffle = mixed or any(s.part.weight is not None or s.part.max_rows is not None for s in rows.sources)
     work = tmp / "work"
     work.mkdir(parents=True)
     tokens: dict[str, int] = {}
     details: dict[str, Any] = {}
-    splits = {"train": rows.train, "validation": rows.eval}
     counts = {"train": rows.stats.train_rows, "validation": rows.stats.validation_rows}
-    for what, ds in splits.items():
-        if ds is None:
+    for what in ("train", "validation"):
+        pieces: list[tuple[int, Any, Any]] = []
+        for i, source_rows in enumerate(rows.sources):
+            ds = source_rows.train if what == "train" else source_rows.eval
+            if ds is not None:
+                pieces.append((i, source_rows.part, ds))
+        if not pieces:
             continue
-        procs = default_num_proc(len(ds), num_proc)
-        start = time.monotonic()
-        with _tokenizer_threads(procs):
-            tokenized, dropped = data_mod.tokenize(
-                ds,
-                spec.dataset.format,
-                tokenizer,
-                max_len,
-                num_proc=procs,
-                cache_file_name=str(work / f"{what}-tokenized.arrow"),
-                what=what,
-            )
-        seconds = time.monotonic() - start
-        n_tokens = _tokens(tokenized)
-        tokens[f"{what}_tokens"] = n_tokens
+        tokenized, dropped, timing = _tokenize_split(what, pieces, tokenizer, max_len, num_proc, work)
+        if what == "train":
+            for source, part_rows in zip(rows.stats.sources, timing["parts"], strict=True):
+                source["train_tokens"] = _tokens(part_rows)
+                source["train_loss_tokens"] = data_mod.loss_tokens(part_rows) if len(part_rows) else 0
+        del timing["parts"]
+        tokens[f"{what}_tokens"] = _tokens(tokenized)
+        tokens[f"{what}_loss_tokens"] = data_mod.loss_tokens(tokenized) if len(tokenized) else 0
         tokens[f"{what}_dropped_by_truncation"] = dropped
-        details[f"{what}_tokenize"] = {"num_proc": procs, "seconds": round(seconds, 3)}
-        log.info(
-            "data: tokenized %d %s rows (%d tokens) in %.1f s with %d process%s (%.0f tokens/s)",
-            len(ds),
-            what,
-            n_tokens,
-            seconds,
-            procs,
-            "" if procs == 1 else "es",
-            n_tokens / seconds if seconds > 0 else 0.0,
-        )
+        details[f"{what}_tokenize"] = timing
+        n_rows = sum(len(p[2]) for p in pieces)
         if len(tokenized) == 0:
             raise DataError(
-                f"dataset: all {len(ds)} {'training' if what == 'train' else what} rows were dropped: "
+                f"dataset: all {n_rows} {'training' if what == 'train' else what} rows were dropped: "
                 f"truncated to training.maxSeqLength ({max_len} tokens), none has a token left to learn "
                 "(the prompt alone fills it); raise training.maxSeqLength"
+            )
+        if what == "train" and shuffle:
+            tokenized = tokenized.shuffle(seed=spec.training.seed).flatten_indices(
+                cache_file_name=str(work / "train-shuffled.arrow")
             )
         packed = pack(tokenized, spec)
         if len(packed) != len(tokenized):
@@ -358,7 +415,7 @@ def load_or_prepare(
     start = time.monotonic()
     rank = os.environ.get("RANK")
     who = f" (rank {rank})" if rank is not None else ""
-    identity, lineage, raw, raw_eval = _identity(spec, base_dir)
+    identity, lineage, raw = _identity(spec, base_dir)
     inputs = key_inputs(spec, identity, tokenizer)
     key = cache_key(inputs)
     root = root or cache_root()
@@ -380,12 +437,12 @@ def load_or_prepare(
                 tmp = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
                 try:
                     tokens, stats, details = _prepare_into(
-                        tmp, spec, base_dir, tokenizer, raw, raw_eval, num_proc
+                        tmp, spec, base_dir, tokenizer, lineage, raw, num_proc
                     )
                     record = {
                         "key": key,
                         "inputs": inputs,
-                        "lineage": lineage,
+                        "lineage": {"datasets": lineage},
                         "data": stats.as_dict(),
                         "tokens": tokens,
                         "details": details,
@@ -405,7 +462,7 @@ def load_or_prepare(
         tokens=stored["tokens"],
         key=key,
         path=path,
-        lineage=lineage,
+        lineage={"datasets": lineage},
         cache_hit=hit,
         seconds=seconds,
         waited_seconds=waited,
@@ -442,6 +499,14 @@ def prepare_file(spec_path: str | Path, num_proc: int | None = None) -> Prepared
     spec_file = Path(spec_path)
     job = load_job(spec_file)
     setup_logging(True)
+    if os.environ.get(ENV_RUN):  # the Job's init container: pin the run's base model for its ranks
+        from kubetune.trainer import layout, lineage
+        from kubetune.trainer.spec import resolve_output
+
+        base = spec_base_dir(spec_file)
+        lineage.resolve_for_run(
+            job.spec, base, layout.run_dir(resolve_output(job.spec, base, None), layout.run_name(job))
+        )
     tokenizer = modeling.load_tokenizer(job.spec, spec_base_dir(spec_file))
     return load_or_prepare(job.spec, spec_base_dir(spec_file), tokenizer, num_proc=num_proc)
 

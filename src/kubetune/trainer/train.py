@@ -8,6 +8,12 @@ and pushes again.
 
 Every process trains; only the main process writes files other than checkpoints, generates samples,
 merges and pushes.
+
+What a run leaves besides its checkpoints: ``adapter/`` (``model/`` for full fine-tuning) and, with
+``output.merged``, ``merged/``, each with its model card (``README.md``) and the loss curve it embeds
+(``loss.png``); the same card and curve, ``metrics.json`` (with the lineage), ``samples.json`` and
+``progress.json`` in the run folder. No pickle goes into those folders (``training_args.bin`` stays in the
+checkpoints), and :func:`kubetune.trainer.hub.plan_upload` refuses to push one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.contract import ENV_RUN
+from kubetune.contract import ENV_RUN, ENV_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, progress_line
 from kubetune.redact import install_process_redaction, redact, redact_data
 from kubetune.trainer import config as cfg
 from kubetune.trainer import layout
@@ -35,6 +41,9 @@ from kubetune.trainer.spec import base_dir as spec_base_dir
 from kubetune.trainer.spec import load_job, resolve_output
 
 log = logging.getLogger("kubetune.trainer")
+
+LOSS_CURVE = "loss.png"  # in the run folder, and beside each model card
+_TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -174,12 +183,14 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
     progress = ProgressFile(
         run_folder / "progress.json", enabled=os.environ.get("RANK", "0") == "0", run=run_name
     )
-    from kubetune.trainer import hub
+    from kubetune.trainer import hub, trackers
 
     try:
         # No token for output.hub: say so now, not after hours of training. ($KUBETUNE_RUN unset means
         # a local run: then the token of `hf auth login` counts too.)
         token = hub.require_token(job, local=not os.environ.get(ENV_RUN))
+        # The same for the trackers of training.reportTo: their packages and Secrets.
+        trackers.require_credentials(job)
     except TrainerError as exc:
         with contextlib.suppress(OSError):  # a read-only output folder must not hide the error
             progress.update("Failed", message=redact(str(exc))[:1000])
@@ -190,9 +201,13 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
     # it while the others wait on the lock, not under an NCCL/gloo timeout.
     setup_logging(True)  # every process says how it got its data; the levels are set per rank below
     try:
-        from kubetune.trainer import modeling
+        from kubetune.trainer import lineage, modeling
         from kubetune.trainer.prepare import load_or_prepare
 
+        # The base model's commit (or its files' digests), before anything of it loads: the tokenizer,
+        # the model and the merge then load that exact commit (modeling.model_source pins it). Once per
+        # run: every rank and every restart reads what the first process resolved.
+        base_model = lineage.resolve_for_run(job.spec, base_dir, run_folder).as_dict()
         tokenizer = modeling.load_tokenizer(job.spec, base_dir)
         prepared = load_or_prepare(job.spec, base_dir, tokenizer)
     except BaseException as exc:
@@ -212,8 +227,11 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
         if state.is_main_process:
             run_folder.mkdir(parents=True, exist_ok=True)
         log.info("run %s: writing to %s", run_name, run_folder)
-        progress.update("Loading")
-        return _run(job, base_dir, out, run_folder, state, progress, flag, token, tokenizer, prepared)
+        # Every progress line from now on carries the commit (the operator's status.baseModelCommit).
+        progress.update("Loading", base_model_commit=base_model.get("commit"))
+        return _run(
+            job, base_dir, out, run_folder, state, progress, flag, token, tokenizer, prepared, base_model
+        )
     except Preempted as exc:
         progress.update("Preempted", eta_seconds=None, **({"step": exc.step} if exc.step is not None else {}))
         raise
@@ -241,12 +259,13 @@ def _run(
     token: str | None,
     tokenizer: Any,
     prepared: Any,  # kubetune.trainer.prepare.Prepared
+    base_model: dict[str, Any],  # kubetune.trainer.lineage.ModelLineage.as_dict()
 ) -> dict[str, Any]:
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from kubetune.trainer import modeling, packing
+    from kubetune.trainer import lineage, modeling, packing
     from kubetune.trainer.callbacks import CheckpointCallback, ProgressCallback
 
     spec = job.spec
@@ -277,16 +296,26 @@ def _run(
 
     # Model.
     model = modeling.load_model(spec, base_dir, hw)
-    # Lineage: the exact commits (or file digests) behind revisions such as "main".
-    lineage: dict[str, Any] = {"base_model_commit": getattr(model.config, "_commit_hash", None)}
-    lineage.update(prepared.lineage)
+    # Lineage: the exact commits (or file digests) behind revisions such as "main", and the run.
+    run_lineage: dict[str, Any] = {
+        "base_model": base_model,
+        "datasets": list(prepared.lineage.get("datasets") or []),
+        "run": lineage.run_info(job, run_name),
+    }
     quantized_layers = modeling.count_quantized_layers(model)
     if quantized_layers:
         log.info("%d linear layers quantized by bitsandbytes", quantized_layers)
     lora = modeling.lora_config(spec, model)
+    if lora is not None and base_model.get("commit"):
+        # adapter_config.json names the base commit: AutoPeftModel.from_pretrained(adapter) loads the base
+        # it was trained on, not whatever the branch points at by then.
+        lora.revision = base_model["commit"]
 
     ckpt_dir = run_folder / "checkpoints"
     sft_kwargs = cfg.sft_config_kwargs(spec, str(ckpt_dir), has_eval=has_eval, hw=hw)
+    from kubetune.trainer import trackers
+
+    sft_kwargs.update(trackers.sft_kwargs(job, run_folder, is_main=is_main))  # training.reportTo
     sft_kwargs["include_num_input_tokens_seen"] = "non_padding"
     # The rows are tokenized, truncated and packed already: TRL must not do any of it again.
     sft_kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
@@ -312,6 +341,9 @@ def _run(
         **trainer_kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback prints instead
+    # TRL casts modulesToSave copies of a quantized model to bf16; without mixed precision they must be
+    # float32 again, like the activations they meet.
+    modeling.restore_copy_dtypes(trainer.model, spec, hw)
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -424,7 +456,7 @@ def _run(
     if metrics.get("train_runtime") and tokens > 0:
         metrics["train_tokens"] = tokens  # non-padding tokens, all processes
         metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 2)
-    metrics["lineage"] = lineage
+    metrics["lineage"] = run_lineage
     metrics["trainable_parameters"] = trainable
     metrics["total_parameters"] = total
     metrics["quantized_layers"] = quantized_layers
@@ -453,6 +485,9 @@ def _run(
     trainer.save_model(str(model_dir))
     if not is_main:
         return metrics
+    # Trainer.save_model pickles the SFTConfig next to the weights (training_args.bin): no pickle goes
+    # into what is pushed or handed on. The checkpoints keep theirs, for resuming.
+    (model_dir / _TRAINING_ARGS).unlink(missing_ok=True)
     tokenizer.save_pretrained(str(model_dir))  # with its chat template
 
     samples: list[dict[str, str]] = []
@@ -472,16 +507,38 @@ def _run(
         torch.cuda.empty_cache()
 
     merged_dir = None
-    if spec.output.push_merged and spec.method.uses_adapter:
+    if spec.output.wants_merged and spec.method.uses_adapter:
+        # With or without output.hub: the merged model is a result of the run like the adapter.
         merged_dir = run_folder / "merged"
         modeling.merge_adapter(spec, base_dir, model_dir, merged_dir, hw)
         tokenizer.save_pretrained(str(merged_dir))
+    elif spec.output.wants_merged:
+        log.info("output.merged: nothing to merge for method.type full (%s holds the whole model)", model_dir)
 
-    from kubetune.trainer.card import render_card
+    from kubetune.trainer import plot
+    from kubetune.trainer.card import CardKind, render_card
 
-    card = render_card(spec, name=job.metadata.name, metrics=metrics, samples=samples)
-    for folder in (run_folder, model_dir):
+    # The loss curve beside every card, which embeds it by its file name (the Hub shows it so too).
+    curve = plot.render_loss_curve(list(st.log_history), run_folder / LOSS_CURVE)
+    kind: CardKind = "adapter" if spec.method.uses_adapter else "model"
+    cards: list[tuple[Path, CardKind]] = [(run_folder, kind), (model_dir, kind)]
+    if merged_dir is not None:
+        cards.append((merged_dir, "merged"))
+    for folder, card_kind in cards:
+        card = render_card(
+            spec,
+            name=job.metadata.name,
+            metrics=metrics,
+            samples=samples,
+            lineage=run_lineage,
+            kind=card_kind,
+            loss_curve=LOSS_CURVE if curve is not None else None,
+        )
         (folder / "README.md").write_text(card, encoding="utf-8")
+        if curve is None:  # no points to draw: no curve of an earlier attempt either
+            (folder / LOSS_CURVE).unlink(missing_ok=True)
+        elif folder != run_folder:
+            shutil.copyfile(curve, folder / LOSS_CURVE)
     write_json_atomic(run_folder / "metrics.json", metrics)
 
     if spec.output.hub is not None:
@@ -491,7 +548,12 @@ def _run(
         progress.update("Pushing")
         files = hub.plan_upload(
             root_folder=model_dir if (spec.output.push_adapter or not spec.method.uses_adapter) else None,
-            extra_files=[run_folder / "README.md", run_folder / "metrics.json", run_folder / "samples.json"],
+            extra_files=[
+                run_folder / "README.md",
+                run_folder / LOSS_CURVE,
+                run_folder / "metrics.json",
+                run_folder / "samples.json",
+            ],
             merged_folder=merged_dir,
         )
         metrics["hub_commit_url"] = hub.push(
@@ -508,7 +570,24 @@ def _run(
         total_steps=metrics["max_steps"],
         loss=metrics.get("train_loss_last"),
         eta_seconds=0,
+        base_model_commit=base_model.get("commit"),
+        hub_commit_url=metrics.get("hub_commit_url"),
         **({"eval_loss": metrics["eval_loss"]} if "eval_loss" in metrics else {}),
     )
+    _leave_final_progress(progress.data)
     log.info("done: %s", run_folder)
     return metrics
+
+
+def _leave_final_progress(report: dict[str, Any]) -> None:
+    """The final progress line as the container's termination message too: the operator reads a pod's
+    log only while it runs, so it may never see the line printed just before the trainer exits (the
+    one with the Hub commit URL); the Pod's status keeps the termination message."""
+    target = os.environ.get(ENV_TERMINATION_LOG)
+    line = progress_line(report)
+    if not target or len(line.encode()) > TERMINATION_MESSAGE_MAX:
+        return
+    try:
+        Path(target).write_text(line, encoding="utf-8")
+    except OSError as exc:
+        log.warning("could not write the termination message to %s: %s", target, exc)
