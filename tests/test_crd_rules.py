@@ -239,6 +239,10 @@ RULE_SAMPLES: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, A
         [{"id": "org/base"}, {"path": "/models/base"}],
         [{}, {"id": "org/base", "path": "/models/base"}],
     ),
+    ("ModelSource", "model.sourceId names the Hub repository"): (
+        [{"path": "/models/base", "sourceId": "org/base"}, {"id": "org/base"}],
+        [{"id": "org/base", "sourceId": "org/base"}],
+    ),
     ("ValidationSplit", "exactly one of validation.split"): (
         [{"split": "test"}, {"fraction": 0.1}],
         [{}, {"split": "test", "fraction": 0.1}],

@@ -164,15 +164,16 @@ def sha256(path: Path) -> str:
 def test_local_folder_card_has_base_model_licence_digests_run_and_loss_curve(tmp_path: Path) -> None:
     folder = tmp_path / "models" / "llama"
     shutil.copytree(TINY, folder)
-    # A folder downloaded from the Hub carries its card: the licence and base model come from it.
+    # A copy of the Hub's Llama-2-7b-chat-hf carries its card: the licence comes from it, but not its
+    # base_model, which names chat's own parent; model.sourceId says what the folder is.
     (folder / "README.md").write_text(
         "---\nlicense: llama2\nbase_model: meta-llama/Llama-2-7b-hf\ntags: [llama]\n---\n# Llama 2\n"
     )
-    job = make_job({"path": "models/llama"})
+    job = make_job({"path": "models/llama", "sourceId": "meta-llama/Llama-2-7b-chat-hf"})
     found = lineage.resolve_model(job.spec, tmp_path)
 
     assert found.path == "models/llama" and found.id is None and found.commit is None
-    assert found.base_model == "meta-llama/Llama-2-7b-hf" and found.base_model_from == "README.md"
+    assert found.base_model == "meta-llama/Llama-2-7b-chat-hf" and found.base_model_from == "model.sourceId"
     assert found.license == "llama2"
     # The weights and the config, hashed; not the tokenizer or the README.
     assert found.files_sha256 == {
@@ -208,14 +209,14 @@ def test_local_folder_card_has_base_model_licence_digests_run_and_loss_curve(tmp
         versions={"torch": "9.9"},
     )
     data = parse(card).data
-    assert data.base_model == "meta-llama/Llama-2-7b-hf"
+    assert data.base_model == "meta-llama/Llama-2-7b-chat-hf"
     assert data.base_model_relation == "adapter" and data.library_name == "peft"
     assert data.license == "llama2"
     assert "datasets" not in data.to_dict()  # local files are no Hub dataset
     assert "![Train and eval loss against step](loss.png)" in card
     lineage_text = card.split("## Lineage")[1].split("\n## ")[0]
-    assert "local folder `models/llama`; base model [`meta-llama/Llama-2-7b-hf`]" in lineage_text
-    assert "according to its README.md" in lineage_text and "from the folder's README.md" in lineage_text
+    assert "local folder `models/llama`; base model [`meta-llama/Llama-2-7b-chat-hf`]" in lineage_text
+    assert "(from model.sourceId)" in lineage_text and "from the folder's README.md" in lineage_text
     for name, digest in found.files_sha256.items():
         assert f"| `{name}` | `{digest}` |" in lineage_text
     assert f"`data.jsonl` (sha256 `{DATA_DIGEST}`)" in lineage_text

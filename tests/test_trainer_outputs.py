@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.trainer
 
@@ -80,14 +81,18 @@ def test_a_local_run_saves_the_merged_model_with_its_own_card_and_no_hub(
     from kubetune.trainer.spec import load_job
 
     base = tiny.save_tiny_model(tmp_path / "base", "llama")
-    # A local copy of a Hub model keeps the Hub's card: the lineage takes base_model and the licence from it.
-    (base / "README.md").write_text("---\nbase_model: org/tiny-origin\nlicense: mit\n---\n# tiny\n")
+    # A local copy of a Hub model keeps the Hub's card: the lineage takes the licence from it, and
+    # model.sourceId names the repository the folder is a copy of (not the card's base_model, its parent).
+    (base / "README.md").write_text("---\nbase_model: org/tiny-parent\nlicense: mit\n---\n# tiny\n")
     job = tiny.write_job(
         tmp_path / "job",
         base,
         training={"maxSteps": 4, "saveSteps": 4, "loggingSteps": 1},
         output={"path": "out", "merged": True},
     )
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["model"]["sourceId"] = "org/tiny-origin"
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
     termination = tmp_path / "termination-log"
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
     monkeypatch.delenv("KUBETUNE_RUN", raising=False)

@@ -732,6 +732,12 @@ class ModelSource(_Model):
             "set exactly one of model.id (a Hub repository) or model.path (a local folder)",
             lambda m: (m.id is None) != (m.path is None),
         ),
+        Rule(
+            "!has(self.sourceId) || has(self.path)",
+            "model.sourceId names the Hub repository a model.path folder is a copy of: set model.path, or "
+            "drop model.sourceId (model.id is the repository itself)",
+            lambda m: m.source_id is None or m.path is not None,
+        ),
     )
     model_config = with_rules(*RULES)
 
@@ -741,6 +747,11 @@ class ModelSource(_Model):
     """Hub revision (branch, tag or commit) of `id`. Pin a commit for reproducible runs."""
     path: Path | None = None
     """A local folder (or a folder on a mounted volume) holding the model, instead of `id`."""
+    source_id: HubId | None = None
+    """For `path`: the Hub repository the folder is a copy of (a model mirrored onto a volume), named
+    as the model card's `base_model`. Unset: the repository of a Hub cache snapshot folder, or the
+    `_name_or_path` of its config.json when that is a Hub id; else the card names no `base_model` (its
+    lineage still has the sha256 of every weight file)."""
     trust_remote_code: Bool = False
     """Run Python code shipped in the model repository. Off by default: it runs unreviewed code."""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = None

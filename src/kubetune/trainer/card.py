@@ -156,7 +156,7 @@ def _base_line(base: dict[str, Any]) -> str:
         line += f"; base model [`{base['base_model']}`]({link})"
         if base.get("commit"):
             line += f" at commit `{base['commit']}`"
-        line += f" according to its {base.get('base_model_from') or 'metadata'}"
+        line += f" (from {base.get('base_model_from') or 'its metadata'})"
     return line
 
 

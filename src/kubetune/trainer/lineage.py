@@ -54,10 +54,10 @@ class ModelLineage:
     path: str | None = None
     """The local folder, as the spec writes it (``model.path``)."""
     base_model: str | None = None
-    """The Hub id the card names as ``base_model``: ``model.id``, or for a folder the id its cache path,
-    README.md front matter or config.json ``_name_or_path`` gives."""
+    """The Hub id the card names as ``base_model``: ``model.id``, or for a folder ``model.sourceId``, the
+    id of its Hub cache path or its config.json ``_name_or_path``."""
     base_model_from: str | None = None
-    """Where ``base_model`` came from: ``model.id``, ``cache path``, ``README.md`` or ``config.json``."""
+    """Where ``base_model`` came from: ``model.id``, ``model.sourceId``, ``cache path`` or ``config.json``."""
     license: str | None = None
     license_name: str | None = None
     license_link: str | None = None
@@ -252,13 +252,6 @@ def _cache_snapshot(folder: Path) -> tuple[str, str] | None:
     return (repo, folder.name) if repo is not None and _is_hub_id(repo) else None
 
 
-def _base_model(front: dict[str, Any]) -> str | None:
-    value = front.get("base_model")
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    return value if _is_hub_id(value) else None
-
-
 def _folder_lineage(spec: FineTuneJobSpec, base_dir: Path) -> ModelLineage:
     folder = model_folder(spec, base_dir)
     files = _digested_files(folder)
@@ -276,11 +269,13 @@ def _folder_lineage(spec: FineTuneJobSpec, base_dir: Path) -> ModelLineage:
         digests = dict(zip((p.name for p in files), pool.map(sha256_file, files), strict=True))
     front = _front_matter(folder)
     snapshot = _cache_snapshot(folder)
+    # What the folder IS. Not its README's base_model: a copy of repository X carries X's card, whose
+    # base_model is X's parent, not X.
     base, base_from = None, None
-    if snapshot is not None:
+    if spec.model.source_id is not None:
+        base, base_from = spec.model.source_id, "model.sourceId"
+    elif snapshot is not None:
         base, base_from = snapshot[0], "cache path"
-    elif (from_card := _base_model(front)) is not None:
-        base, base_from = from_card, "README.md"
     elif (from_config := _name_or_path(folder)) is not None:
         base, base_from = from_config, "config.json"
     found = ModelLineage(
