@@ -76,3 +76,22 @@ def test_a_local_folder_is_hashed_once_per_run(tmp_path: Path, monkeypatch: pyte
     lineage.forget()
     monkeypatch.setattr(lineage, "sha256_file", lambda path: pytest.fail(f"hashed {path} again"))
     assert lineage.resolve_for_run(spec, tmp_path, run).files_sha256 == digests
+
+
+def test_dataset_commits_are_pinned_per_run_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.api.v1alpha1 import DatasetSource
+    from kubetune.trainer import data
+
+    head = [OLD]
+    monkeypatch.setattr(data, "hub_commit", lambda part, where="dataset": head[0])
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n')
+    dataset = DatasetSource.model_validate(
+        {"sources": [{"id": "org/chat", "format": "chat"}, {"files": ["rows.jsonl"]}]}
+    )
+    pin = tmp_path / "run" / "datasets.json"
+    first = data.resolve(dataset, tmp_path, pin)
+    assert first[0]["commit"] == OLD and "rows.jsonl" in first[1]["files"]
+    head[0] = NEW  # the branch moves before another rank (or a restart) starts
+    assert data.resolve(dataset, tmp_path, pin)[0]["commit"] == OLD
+    assert data.resolve(dataset, tmp_path, tmp_path / "other-run" / "datasets.json")[0]["commit"] == NEW
+    assert data.resolve(dataset, tmp_path)[0]["commit"] == NEW  # no run: resolved afresh

@@ -26,8 +26,10 @@ carry the loss is ``dataset.trainOn``: ``completion`` (the response; alpaca and 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from kubetune.api.v1alpha1 import (
 )
 from kubetune.contract import ENV_HF_TOKEN
 from kubetune.trainer.errors import DataError
+from kubetune.trainer.progress import write_json_once
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -334,19 +337,50 @@ def file_digests(part: DatasetPart, base_dir: Path, where: str = "dataset") -> d
     return digests
 
 
-def resolve(dataset: DatasetSource, base_dir: Path) -> list[dict[str, Any]]:
+def resolve(dataset: DatasetSource, base_dir: Path, pin: Path | None = None) -> list[dict[str, Any]]:
     """What exactly each source is, before anything is loaded, in ``parts()`` order: for a Hub dataset
     ``{id, revision, split, commit}`` (the commit its revision resolves to, which :func:`load_raw` then
     loads; ``None`` when the Hub did not answer), for local files ``{files: {path: sha256}}``. This list
-    is the data lineage (``{"datasets": [...]}`` in stats.json, metrics.json and the model card)."""
+    is the data lineage (``{"datasets": [...]}`` in stats.json, metrics.json and the model card).
+
+    ``pin`` (``<run>/datasets.json``): the Hub commits the run's first process resolved, which every
+    other process and restart of the run then uses, so ranks never train on different commits of a
+    branch that moved while they started. Files are hashed every time: their bytes are what counts."""
+    pinned = _read_dataset_pin(pin)
     out: list[dict[str, Any]] = []
     for i, part in enumerate(dataset.parts()):
         if part.files is not None:
             out.append({"files": file_digests(part, base_dir, source_path(dataset, i))})
-        else:
+            continue
+        entry = {"id": part.id, "revision": part.revision, "split": part.split}
+        commit = pinned.get(_pin_key(entry))
+        if commit is None:
             commit = hub_commit(part, source_path(dataset, i))
-            out.append({"id": part.id, "revision": part.revision, "split": part.split, "commit": commit})
+        out.append({**entry, "commit": commit})
+    if pin is not None:
+        resolved = {_pin_key(e): e["commit"] for e in out if e.get("commit")}
+        if resolved.keys() - pinned.keys():
+            try:
+                write_json_once(pin, resolved)
+            except (OSError, ValueError) as exc:  # a read-only output folder: this process only
+                log.debug("could not write %s: %s", pin, exc)
     return out
+
+
+def _pin_key(entry: dict[str, Any]) -> str:
+    return f"{entry['id']}@{entry['revision']}"
+
+
+def _read_dataset_pin(pin: Path | None) -> dict[str, str]:
+    if pin is None:
+        return {}
+    try:
+        data = json.loads(pin.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{40}", v)}
 
 
 def load_raw(

@@ -11,6 +11,7 @@ Every run owns one folder, so an edited spec never picks up another spec's check
                                     (output.merged)
         README.md  loss.png         the model card and its loss curve
         metrics.json  samples.json  progress.json
+        base-model.json  datasets.json   the commits (and local digests) every process and restart uses
         tensorboard/  mlruns/  wandb/   experiment trackers (training.reportTo)
 
 ``<run>`` is ``$KUBETUNE_RUN`` (set by the Job) or, outside a cluster, :func:`kubetune.render.run_name`:

@@ -24,6 +24,7 @@ from kubetune.api.v1alpha1 import HUB_ID, FineTuneJob, FineTuneJobSpec
 from kubetune.contract import ANNOTATION_SOURCE_COMMIT, ANNOTATION_SOURCE_REPO, ENV_HF_TOKEN
 from kubetune.redact import redact
 from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.progress import write_json_once
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -334,16 +335,9 @@ def resolve_for_run(spec: FineTuneJobSpec, base_dir: Path, run_folder: Path) -> 
     if found is None:
         found = resolve_model(spec, base_dir)
         try:
-            run_folder.mkdir(parents=True, exist_ok=True)
-            tmp = pin.with_name(f".{RUN_PIN}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(found.as_dict(), indent=2) + "\n", encoding="utf-8")
-            try:
-                os.link(tmp, pin)  # first writer wins, atomically, also on NFS
-            finally:
-                tmp.unlink(missing_ok=True)
-        except FileExistsError:
-            found = _read_pin(pin, spec) or found  # another process was first: use what it resolved
-        except OSError as exc:  # a read-only output folder (a local `kubetune prepare`): this process only
+            write_json_once(pin, found.as_dict())
+            found = _read_pin(pin, spec) or found  # another process may have been first: use its
+        except (OSError, ValueError) as exc:  # a read-only output folder (a local `kubetune prepare`)
             log.debug("could not write %s: %s", pin, exc)
     if spec.model.id is not None:
         hub = _HubModel(found.commit, found.resolved_from, _card_of(found), dict(found.files_sha256))

@@ -56,6 +56,7 @@ PREP_FORMAT = 2  # 2: dataset mixes, per-source stats, loss-token counts, lineag
 # Fewer rows than this per process and the pool's start-up costs more than it saves.
 MIN_ROWS_PER_PROC = 2000
 STATS_FILE = "stats.json"
+DATASET_PIN = "datasets.json"  # in the run folder: the dataset commits every process of the run uses
 
 
 def cache_root() -> Path:
@@ -231,14 +232,14 @@ def _tokens(ds: Any) -> int:
 
 
 def _identity(
-    spec: FineTuneJobSpec, base_dir: Path
+    spec: FineTuneJobSpec, base_dir: Path, pin: Path | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple[int, str], Any]]:
     """(what identifies each source's content for the key, the lineage, raw rows loaded for it): each
     Hub revision is resolved to its commit before anything is loaded (``data.resolve``)."""
     from kubetune.trainer import data as data_mod
 
     dataset = spec.dataset
-    lineage = data_mod.resolve(dataset, base_dir)
+    lineage = data_mod.resolve(dataset, base_dir, pin)
     identity: list[dict[str, Any]] = []
     raw: dict[tuple[int, str], Any] = {}
     v = dataset.validation
@@ -409,13 +410,15 @@ def load_or_prepare(
     *,
     num_proc: int | None = None,
     root: Path | None = None,
+    run_folder: Path | None = None,
 ) -> Prepared:
     """The prepared data of ``spec``: loaded from the cache, or prepared (once, under the key's lock)
-    and then loaded."""
+    and then loaded. With ``run_folder``, the Hub commits of its datasets are those the run's first
+    process resolved (``<run>/datasets.json``)."""
     start = time.monotonic()
     rank = os.environ.get("RANK")
     who = f" (rank {rank})" if rank is not None else ""
-    identity, lineage, raw = _identity(spec, base_dir)
+    identity, lineage, raw = _identity(spec, base_dir, run_folder / DATASET_PIN if run_folder else None)
     inputs = key_inputs(spec, identity, tokenizer)
     key = cache_key(inputs)
     root = root or cache_root()
@@ -499,16 +502,16 @@ def prepare_file(spec_path: str | Path, num_proc: int | None = None) -> Prepared
     spec_file = Path(spec_path)
     job = load_job(spec_file)
     setup_logging(True)
-    if os.environ.get(ENV_RUN):  # the Job's init container: pin the run's base model for its ranks
+    base = spec_base_dir(spec_file)
+    run_folder = None
+    if os.environ.get(ENV_RUN):  # the Job's init container: pin the run's base model and data commits
         from kubetune.trainer import layout, lineage
         from kubetune.trainer.spec import resolve_output
 
-        base = spec_base_dir(spec_file)
-        lineage.resolve_for_run(
-            job.spec, base, layout.run_dir(resolve_output(job.spec, base, None), layout.run_name(job))
-        )
-    tokenizer = modeling.load_tokenizer(job.spec, spec_base_dir(spec_file))
-    return load_or_prepare(job.spec, spec_base_dir(spec_file), tokenizer, num_proc=num_proc)
+        run_folder = layout.run_dir(resolve_output(job.spec, base, None), layout.run_name(job))
+        lineage.resolve_for_run(job.spec, base, run_folder)
+    tokenizer = modeling.load_tokenizer(job.spec, base)
+    return load_or_prepare(job.spec, base, tokenizer, num_proc=num_proc, run_folder=run_folder)
 
 
 def main(argv: list[str] | None = None) -> int:

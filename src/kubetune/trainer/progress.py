@@ -44,6 +44,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def write_json_once(path: Path, data: Any) -> Any:
+    """Write ``data`` to ``path`` unless a file is there already, atomically, also on NFS (a link, which
+    fails when the name exists); returns what the file holds: ``data``, or what another process wrote
+    first. Raises OSError when the folder cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    try:
+        os.link(tmp, path)
+        return data
+    except FileExistsError:
+        return json.loads(path.read_text(encoding="utf-8"))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _finite(value: Any) -> Any:
     """NaN and infinities as ``None`` (JSON has neither; a diverged loss must not stop the run)."""
     if isinstance(value, float) and not math.isfinite(value):

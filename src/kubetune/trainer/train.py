@@ -209,7 +209,7 @@ def run(spec_path: str | Path, output_dir: str | Path | None = None) -> dict[str
         # run: every rank and every restart reads what the first process resolved.
         base_model = lineage.resolve_for_run(job.spec, base_dir, run_folder).as_dict()
         tokenizer = modeling.load_tokenizer(job.spec, base_dir)
-        prepared = load_or_prepare(job.spec, base_dir, tokenizer)
+        prepared = load_or_prepare(job.spec, base_dir, tokenizer, run_folder=run_folder)
     except BaseException as exc:
         text = str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(OSError):
