@@ -162,6 +162,26 @@ def _cases() -> list[Case]:
         ("token-as-annotation-key", "spec.podMetadata.annotations", f"{{{TOKEN}: x}}"),
         ("token-in-base64", "spec.samples.prompts", f"[{base64.b64encode(TOKEN.encode()).decode()}]"),
         ("token-in-metadata", "metadata.annotations", f"{{note: {TOKEN}}}"),
+        # Issue 11: loss tokens, templates, mixes, trackers, lineage.
+        ("train-on-text-completion", "spec.dataset", "{id: org/d, trainOn: completion}"),
+        ("train-on-chat-assistant", "spec.dataset", "{id: org/d, format: chat, trainOn: assistant}"),
+        ("chat-template-unknown", "spec.dataset", "{id: org/d, chatTemplate: vicuna}"),
+        ("chat-template-jinja", "spec.dataset", '{id: org/d, chatTemplate: "{{ messages }}"}'),
+        ("sources-and-format", "spec.dataset", "{sources: [{id: org/a}], format: chat}"),
+        ("sources-default-format", "spec.dataset", "{sources: [{id: org/a}], format: text}"),
+        (
+            "sources-9",
+            "spec.dataset",
+            "{sources: [" + ", ".join(f"{{id: org/a{i}}}" for i in range(9)) + "]}",
+        ),
+        ("source-files-mixed", "spec.dataset", "{sources: [{files: [a.jsonl, b.csv]}]}"),
+        ("source-weight-zero", "spec.dataset", "{sources: [{id: org/a, weight: 0}]}"),
+        ("wandb-online-no-key", "spec.training", "{reportTo: [wandb]}"),
+        ("wandb-offline", "spec.training", "{reportTo: [wandb], trackers: {wandb: {mode: offline}}}"),
+        ("mlflow-uri-password", "spec.training", "{trackers: {mlflow: {trackingUri: 'https://a:b@m.x'}}}"),
+        ("tracker-secret-inline", "spec.training", "{trackers: {mlflow: {token: abc}}}"),
+        ("source-id-with-id", "spec.model", "{id: org/m, sourceId: org/m}"),
+        ("attn-unknown", "spec.model", "{id: org/m, attnImplementation: flash}"),
         # Sizes.
         ("configmap-over-1mib", "spec.samples.prompts", "[" + ", ".join(['"' + "€" * 6000 + '"'] * 32) + "]"),
     ]
