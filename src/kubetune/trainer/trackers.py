@@ -72,8 +72,9 @@ def missing_secret_message(job: FineTuneJob, ref: SecretRef) -> str:
 
 
 def require_credentials(job: FineTuneJob) -> None:
-    """Fail fast, before anything heavy loads: a tracker whose package is missing, whose Secret is
-    missing, or that cannot log in. Registers every tracker credential as a secret (kubetune.redact)."""
+    """Fail fast, before anything heavy loads: a tracker whose package or Secret is missing (a tracker
+    that could not log in at all, W&B online without a key, is the spec's own error). Registers every
+    tracker credential as a secret (kubetune.redact)."""
     report_to = job.spec.training.report_to
     for tracker in report_to:
         if importlib.util.find_spec(PACKAGES[tracker]) is None:
