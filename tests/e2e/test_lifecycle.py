@@ -220,6 +220,18 @@ def test_tiny_qlora_run_goes_all_the_way(run: Run, operator: Operator) -> None:
     assert "learningRate: 0.003" in card or "learning_rate: 0.003" in card, card[:2000]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 300 and metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+    # The card's lineage came through the whole path: the FineTuneJob's UID and spec hash (render's spec
+    # file, the ConfigMap, the trainer), the base model's digests pinned by the prepare init container
+    # for the run, and the loss curve drawn in the pod (headless, a read-only HOME) beside each card.
+    uid = run.ftj("tiny")["metadata"]["uid"]
+    assert metrics["lineage"]["run"]["uid"] == uid and f"UID `{uid}`" in card, metrics["lineage"]["run"]
+    assert metrics["lineage"]["run"]["spec_hash"] == status["specHash"]
+    pinned = json.loads((out / "base-model.json").read_text())
+    assert pinned["files_sha256"] == metrics["lineage"]["base_model"]["files_sha256"] != {}
+    for folder in (out, out / "adapter"):
+        assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", folder
+        assert "![Train and eval loss against step](loss.png)" in (folder / "README.md").read_text()
+    assert not (out / "adapter" / "training_args.bin").exists()  # no pickle beside the weights
     # The pod's prepare init container tokenized the data into the workspace; the trainer only loaded it.
     [done] = [p for p in run.pods("tiny") if p["status"].get("phase") == "Succeeded"]
     [init] = done["status"]["initContainerStatuses"]
