@@ -43,7 +43,7 @@ from kubetune.api.v1alpha1 import (
     TrainOn,
 )
 from kubetune.contract import ENV_HF_TOKEN
-from kubetune.trainer.errors import DataError
+from kubetune.trainer.errors import DataError, hub_not_found
 from kubetune.trainer.progress import write_json_once
 
 log = logging.getLogger("kubetune.trainer")
@@ -297,20 +297,17 @@ def hub_commit(part: DatasetPart, where: str = "dataset") -> str | None:
     exist is a :class:`DataError`; no answer (offline, ``HF_HUB_OFFLINE``, a mirror without the API)
     is a warning and ``None``: the revision is then loaded as given."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     assert part.id is not None
     api = HfApi(endpoint=os.environ.get(_ENV_HF_ENDPOINT) or None, token=os.environ.get(ENV_HF_TOKEN) or None)
     try:
         sha = api.dataset_info(part.id, revision=part.revision).sha
-    except RevisionNotFoundError:
-        raise DataError(f"{where}.revision: {part.revision!r} is not a revision of {part.id}") from None
-    except RepositoryNotFoundError:  # gated repositories too
-        raise DataError(
-            f"{where}.id: the Hub has no dataset {part.id!r} this token may read (a private or gated "
-            f"one needs an {ENV_HF_TOKEN} with access)"
-        ) from None
     except Exception as exc:  # best effort: offline mirrors and HF_HUB_OFFLINE still train
+        error = hub_not_found(
+            exc, DataError, where=where, what="dataset", repo_id=part.id, revision=part.revision
+        )
+        if error is not None:
+            raise error from None
         log.warning(
             "%s: could not resolve %s@%s to a commit (%s); loading the revision as given",
             where,

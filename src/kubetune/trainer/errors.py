@@ -6,7 +6,7 @@ operator turns into the FineTuneJob's Failed condition.
 
 from __future__ import annotations
 
-from kubetune.contract import REASON_BY_EXIT, REASON_PREEMPTED, Exit
+from kubetune.contract import ENV_HF_TOKEN, REASON_BY_EXIT, REASON_PREEMPTED, Exit
 
 
 class TrainerError(Exception):
@@ -43,6 +43,24 @@ class OutOfMemory(TrainerError):
     """CUDA ran out of memory; the message names the knobs that lower memory use."""
 
     exit_code = Exit.CUDA_OUT_OF_MEMORY
+
+
+def hub_not_found(
+    exc: BaseException, error: type[TrainerError], *, where: str, what: str, repo_id: str, revision: str
+) -> TrainerError | None:
+    """The error to stop a run with when the Hub says ``repo_id`` or its ``revision`` does not exist (a
+    load would fail on it too, later and less clearly), naming ``<where>.id`` / ``<where>.revision``;
+    None for any other failure (offline, a mirror without the API), which is only a warning."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, RevisionNotFoundError):
+        return error(f"{where}.revision: {revision!r} is not a revision of {repo_id}")
+    if isinstance(exc, RepositoryNotFoundError):  # gated repositories too
+        return error(
+            f"{where}.id: the Hub has no {what} {repo_id!r} this token may read (a private or gated one "
+            f"needs an {ENV_HF_TOKEN} with access)"
+        )
+    return None
 
 
 class Preempted(Exception):

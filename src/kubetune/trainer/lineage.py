@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from kubetune.api.v1alpha1 import HUB_ID, FineTuneJob, FineTuneJobSpec
 from kubetune.contract import ANNOTATION_SOURCE_COMMIT, ANNOTATION_SOURCE_REPO, ENV_HF_TOKEN
 from kubetune.redact import redact
-from kubetune.trainer.errors import TrainerError
+from kubetune.trainer.errors import TrainerError, hub_not_found
 from kubetune.trainer.progress import write_json_once
 
 log = logging.getLogger("kubetune.trainer")
@@ -147,23 +147,18 @@ def _from_cache(repo_id: str, revision: str) -> _HubModel | None:
 
 
 def _hub_model(repo_id: str, revision: str) -> _HubModel:
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     key = (_endpoint(), repo_id, revision)
     with _lock:
         if key in _hub_memo:
             return _hub_memo[key]
         try:
             found = _from_hub(repo_id, revision)
-        # What the Hub says is not there would fail the load too, later and less clearly.
-        except RevisionNotFoundError:
-            raise TrainerError(f"model.revision: {revision!r} is not a revision of {repo_id}") from None
-        except RepositoryNotFoundError:  # gated repositories too
-            raise TrainerError(
-                f"model.id: the Hub has no model {repo_id!r} this token may read (a private or gated one "
-                f"needs an {ENV_HF_TOKEN} with access)"
-            ) from None
         except Exception as exc:  # best effort: offline mirrors and HF_HUB_OFFLINE still train
+            error = hub_not_found(
+                exc, TrainerError, where="model", what="model", repo_id=repo_id, revision=revision
+            )
+            if error is not None:
+                raise error from None
             cached = _from_cache(repo_id, revision)
             if cached is not None:
                 log.warning(
