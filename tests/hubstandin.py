@@ -72,6 +72,27 @@ def folder_commit(folder: Path) -> str:
     return digest.hexdigest()
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A stand-in's request handler: no access log, and replies as the Hub sends them (JSON, or the bytes
+    of a file), with HEAD answered by the headers alone. Also the dataset stand-in's
+    (tests/test_trainer_mix.py)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        if not isinstance(body, bytes):
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
 class StandInHub:
     """A local stand-in for the Hub API (see the module docstring). Records what it is asked."""
 
@@ -90,21 +111,7 @@ class StandInHub:
         self.reads: list[str] = []  # infos and downloads, in the order they came
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def _echo(self) -> str:
                 """The request's credentials, repeated as an error body must never be trusted not to."""
                 auth = str(self.headers.get("Authorization"))

@@ -14,7 +14,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,6 +26,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
 import tiny  # noqa: E402
+from hubstandin import QuietHandler  # noqa: E402
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec  # noqa: E402
 from kubetune.trainer import data as data_mod  # noqa: E402
 from kubetune.trainer import prepare as prep  # noqa: E402
@@ -81,20 +82,7 @@ class DatasetHub:
         self.requests: list[tuple[str, str]] = []
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def _commit(self, repo: str, revision: str) -> str | None:
                 commit = revision if (repo, revision) in hub.commits else hub.refs.get((repo, revision))
                 if commit is None:
