@@ -233,7 +233,7 @@ def _clean(data: dict[str, Any]) -> ProgressReport:
         if isinstance(v, str):
             out[key] = v[:1000]
     commit = data.get("base_model_commit")
-    if isinstance(commit, str) and _COMMIT_RE.fullmatch(commit):
+    if is_commit(commit):
         out["base_model_commit"] = commit
     url = data.get("hub_commit_url")
     if isinstance(url, str) and _plain_url(url):
@@ -242,6 +242,13 @@ def _clean(data: dict[str, Any]) -> ProgressReport:
 
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit(value: Any) -> bool:
+    """A full git commit id as the Hub gives it (40 lowercase hex digits)."""
+    return isinstance(value, str) and _COMMIT_RE.fullmatch(value) is not None
+
+
 URL_MAX = 500
 
 

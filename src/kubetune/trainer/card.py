@@ -14,7 +14,7 @@ import yaml
 
 import kubetune
 from kubetune.api.v1alpha1 import FineTuneJobSpec
-from kubetune.contract import ENV_GIT_COMMIT
+from kubetune.contract import ENV_GIT_COMMIT, is_commit
 from kubetune.redact import contains_token, redact
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -23,7 +23,6 @@ HUB = "https://huggingface.co"
 # The Hub's relation of a model to its base_model: a LoRA adapter is an "adapter"; full fine-tuning and
 # an adapter merged into the base weights are a "finetune" ("merge" is for merges of several models).
 RELATION: dict[str, str] = {"adapter": "adapter", "model": "finetune", "merged": "finetune"}
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # Metric keys the card shows in sections of their own (and in the raw JSON).
 _OWN_SECTIONS = ("lineage", "prepared")
 _LOSS_ON = {"completion": "the completions", "assistant": "the assistant turns", "all": "every token"}
@@ -83,7 +82,7 @@ def _hub_link(repo_id: str, commit: str | None, *, datasets: bool = False) -> st
 
 def _source_link(repo: str | None, commit: str | None) -> str | None:
     """A link to the commit on the forges whose commit URL is known (``<repo>/commit/<sha>``)."""
-    if not repo or not commit or not _COMMIT_RE.match(commit):
+    if not repo or not commit or not is_commit(commit):
         return None
     m = re.match(r"^https://(github\.com|gitlab\.com|codeberg\.org)/([\w.\-/]+?)(\.git)?/?$", repo)
     return f"https://{m.group(1)}/{m.group(2)}/commit/{commit}" if m else None

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     TrainOn,
 )
-from kubetune.contract import ENV_HF_TOKEN
+from kubetune.contract import ENV_HF_TOKEN, is_commit
 from kubetune.trainer.errors import DataError, hub_not_found
 from kubetune.trainer.progress import write_json_once
 
@@ -377,7 +376,7 @@ def _read_dataset_pin(pin: Path | None) -> dict[str, str]:
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{40}", v)}
+    return {k: v for k, v in data.items() if is_commit(v)}
 
 
 def load_raw(

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kubetune.api.v1alpha1 import HUB_ID, FineTuneJob, FineTuneJobSpec
-from kubetune.contract import ANNOTATION_SOURCE_COMMIT, ANNOTATION_SOURCE_REPO, ENV_HF_TOKEN
+from kubetune.contract import ANNOTATION_SOURCE_COMMIT, ANNOTATION_SOURCE_REPO, ENV_HF_TOKEN, is_commit
 from kubetune.redact import redact
 from kubetune.trainer.errors import TrainerError, hub_not_found
 from kubetune.trainer.progress import write_json_once
@@ -34,7 +34,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 DIGESTED_NAMES = ("config.json",)
 HUB_TIMEOUT_S = 20.0
 HASH_THREADS = 8
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # huggingface_hub's cache layout: <cache>/models--<owner>--<name>/snapshots/<commit>/
 _CACHE_SNAPSHOT_RE = re.compile(r"^models--(?P<repo>.+)$")
 
@@ -127,7 +126,7 @@ def _from_hub(repo_id: str, revision: str) -> _HubModel:
         for s in info.siblings or []
         if s.lfs is not None and "/" not in s.rfilename and s.rfilename.endswith(WEIGHT_SUFFIXES)
     }
-    commit = info.sha if isinstance(info.sha, str) and _COMMIT_RE.match(info.sha) else None
+    commit = info.sha if is_commit(info.sha) else None
     return _HubModel(commit, "hub" if commit else None, _card_fields(info.card_data or {}), digests)
 
 
@@ -141,7 +140,7 @@ def _from_cache(repo_id: str, revision: str) -> _HubModel | None:
     if not isinstance(found, str):
         return None
     snapshot = Path(found).parent
-    if not _COMMIT_RE.match(snapshot.name):
+    if not is_commit(snapshot.name):
         return None
     return _HubModel(snapshot.name, "cache", _front_matter(snapshot), {})
 
@@ -241,7 +240,7 @@ def _name_or_path(folder: Path) -> str | None:
 
 def _cache_snapshot(folder: Path) -> tuple[str, str] | None:
     """``(repo id, commit)`` when ``folder`` is ``.../models--owner--name/snapshots/<commit>``."""
-    if folder.parent.name != "snapshots" or not _COMMIT_RE.match(folder.name):
+    if folder.parent.name != "snapshots" or not is_commit(folder.name):
         return None
     m = _CACHE_SNAPSHOT_RE.match(folder.parent.parent.name)
     repo = m.group("repo").replace("--", "/") if m else None
@@ -359,7 +358,7 @@ def _read_pin(pin: Path, spec: FineTuneJobSpec) -> ModelLineage | None:
         spec.model.path,
     ):
         return None
-    if found.commit is not None and not _COMMIT_RE.match(found.commit):
+    if found.commit is not None and not is_commit(found.commit):
         return None
     return found
 
